@@ -1,0 +1,5 @@
+"""Allow `python -m logitcache`."""
+
+from logitcache.cli import main
+
+main()

@@ -1,0 +1,91 @@
+"""The ``logitcache`` command line: a thin click layer over the library.
+
+Each command is a small function that parses its arguments, calls one library function and
+prints the result. Errors are mapped in one place, :class:`LogitcacheGroup`: a
+:class:`~logitcache.errors.LogitcacheError` prints ``error: <message>`` on stderr (no
+traceback) and exits with the error's ``exit_code`` (2 for bad usage, config or cache
+format, 1 for a failed job); click's own usage errors exit 2.
+
+Exit codes: 0 success, 1 failure of the job (e.g. ``verify`` found a bad shard),
+2 bad usage or bad config.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import click
+
+from logitcache import __version__
+from logitcache.errors import LogitcacheError
+
+
+class LogitcacheGroup(click.Group):
+    """A click group that turns deliberate logitcache errors into exit codes."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except LogitcacheError as exc:
+            click.echo(f"error: {exc}", err=True)
+            ctx.exit(exc.exit_code)
+
+
+def _print_json(data: Any) -> None:
+    click.echo(json.dumps(data, indent=2, ensure_ascii=False, default=str))
+
+
+@click.group(name="logitcache", cls=LogitcacheGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, "--version", prog_name="logitcache", message="%(prog)s %(version)s")
+def main() -> None:
+    """Run a teacher once, cache its soft labels, train many students from the cache.
+
+    Exit codes: 0 success, 1 the job failed, 2 bad usage, config or cache.
+    """
+
+
+@main.command()
+@click.argument("cache", metavar="CACHE")
+@click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
+def inspect(cache: str, as_json: bool) -> None:
+    """Summarise a cache and decode one example.
+
+    CACHE is the cache directory: a local path or any fsspec URL.
+    """
+    from logitcache.storage_schemas.summary import format_summary, summarize_cache
+
+    summary = summarize_cache(cache)
+    if as_json:
+        _print_json(summary)
+    else:
+        click.echo(format_summary(summary))
+
+
+@main.command()
+@click.argument("cache", metavar="CACHE")
+@click.option("--deep", is_flag=True, help="Also decode every block and recount its contents.")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+@click.pass_context
+def verify(ctx: click.Context, cache: str, deep: bool, as_json: bool) -> None:
+    """Check every shard of a cache against its manifest.
+
+    Each shard listed in CACHE's manifest is checked for presence, size, sha256, schema,
+    record and block counts and config fingerprint; --deep also decodes every block.
+
+    Exits 1 when a shard has a problem. Files the manifest does not list are reported as a
+    warning only: readers ignore them.
+    """
+    from logitcache.storage_schemas.verify import verify_cache
+
+    report = verify_cache(cache, deep=deep)
+    if as_json:
+        _print_json(report.to_dict())
+    else:
+        click.echo(report.to_text())
+    if not report.ok:
+        ctx.exit(1)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

@@ -1,0 +1,41 @@
+"""Exceptions that logitcache raises on purpose.
+
+Every error a user can cause (bad config, bad input, a cache that does not match) is a
+subclass of :class:`LogitcacheError`, carries a message that says what is wrong and what
+to do, and is mapped by the CLI to an exit code: 2 for bad usage or bad config, 1 for a
+job that failed. Anything else escaping the library is a bug.
+"""
+
+from __future__ import annotations
+
+
+class LogitcacheError(Exception):
+    """Base class of all deliberate logitcache errors."""
+
+    exit_code = 1
+
+
+class ConfigError(LogitcacheError, ValueError):
+    """A configuration (YAML file, --set override or constructor argument) is invalid."""
+
+    exit_code = 2
+
+
+class CacheFormatError(LogitcacheError):
+    """A cache or manifest cannot be read: unknown format, newer version, wrong kind."""
+
+    exit_code = 2
+
+
+class IncompatibleCacheError(LogitcacheError):
+    """An existing cache was built with a different configuration, tokenizer or teacher."""
+
+    exit_code = 2
+
+
+class CorruptShardError(LogitcacheError):
+    """A committed shard does not match what the manifest says about it."""
+
+
+class VocabularyTooLargeError(ConfigError):
+    """A vocabulary does not fit the widest token-id type the format has."""

@@ -1,0 +1,133 @@
+"""What one cache's records hold: the kind of soft label and the types of its columns.
+
+A :class:`RecordLayout` is written into the manifest and into every shard's metadata; the
+Arrow schema of a Parquet shard and the array set of a Zarr shard are both derived from
+it, so the two backends cannot drift apart.
+
+Kinds:
+
+``token_topk``
+    per position, the teacher's top-k next-token ids and their log-probabilities.
+``token_sampled``
+    per position, ids drawn from the teacher's distribution and how often each was drawn
+    (the unbiased sparse estimator of "Sparse Logit Sampling", Anshumann et al., 2025).
+``token_topk_sampled``
+    an exact top-k head plus draws from the remaining tail.
+``sequence_probs``
+    per record, the full class distribution of a sequence classifier, as log-probabilities
+    through the value codec (plus the gold label when the corpus has one, -1 otherwise).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import pyarrow as pa
+
+from logitcache.errors import CacheFormatError
+from logitcache.storage_schemas.id_codec import ID_TYPES
+from logitcache.storage_schemas.value_codecs import get_value_codec
+
+KINDS: tuple[str, ...] = ("token_topk", "token_sampled", "token_topk_sampled", "sequence_probs")
+
+#: The type of a sample count: 50 draws per position never need more than 16 bits.
+SAMPLE_COUNT_TYPE = "uint16"
+
+
+@dataclass(frozen=True, kw_only=True)
+class RecordLayout:
+    """The columns of one cache's records.
+
+    kind: one of :data:`KINDS`.
+    id_type: token-id type, from :func:`~logitcache.storage_schemas.id_codec.id_type_for_vocab`.
+    vocab_size: the teacher's vocabulary size (ids lie in ``[0, vocab_size)``).
+    k: top-k width (0 for kinds without a top-k head).
+    value_codec: name of the codec of the top-k log-probabilities (or class probabilities).
+    samples: draws per position for sampled kinds (0 otherwise).
+    entropy: whether a per-position teacher entropy column is stored.
+    num_classes: classes of a ``sequence_probs`` cache (0 otherwise).
+    """
+
+    kind: str
+    id_type: str
+    vocab_size: int
+    k: int = 0
+    value_codec: str = "float32"
+    samples: int = 0
+    entropy: bool = False
+    num_classes: int = 0
+
+    def __post_init__(self) -> None:
+        if self.kind not in KINDS:
+            raise CacheFormatError(f"unknown cache kind {self.kind!r}; known: {', '.join(KINDS)}")
+        if self.id_type not in ID_TYPES:
+            raise CacheFormatError(f"unknown id type {self.id_type!r}; known: {', '.join(ID_TYPES)}")
+        get_value_codec(self.value_codec)
+        if self.has_topk and self.k < 1:
+            raise CacheFormatError(f"kind {self.kind} needs k >= 1, got {self.k}")
+        if self.has_samples and self.samples < 1:
+            raise CacheFormatError(f"kind {self.kind} needs samples >= 1, got {self.samples}")
+        if self.kind == "sequence_probs" and self.num_classes < 2:
+            raise CacheFormatError(f"kind sequence_probs needs num_classes >= 2, got {self.num_classes}")
+        if self.has_topk and self.k > self.vocab_size:
+            raise CacheFormatError(f"k={self.k} is larger than the vocabulary ({self.vocab_size})")
+
+    @property
+    def has_topk(self) -> bool:
+        return self.kind in ("token_topk", "token_topk_sampled")
+
+    @property
+    def has_samples(self) -> bool:
+        return self.kind in ("token_sampled", "token_topk_sampled")
+
+    @property
+    def is_token_level(self) -> bool:
+        return self.kind != "sequence_probs"
+
+    @property
+    def value_storage_type(self) -> pa.DataType:
+        return pa.from_numpy_dtype(get_value_codec(self.value_codec).storage_dtype)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> RecordLayout:
+        return cls(**data)
+
+    def arrow_schema(self) -> pa.Schema:
+        """Arrow schema of one Parquet shard of this layout."""
+        id_t = pa.from_numpy_dtype(self.id_type)
+        fields = [
+            pa.field("record_id", pa.uint64(), nullable=False),
+            pa.field("doc_key", pa.string(), nullable=False),
+            pa.field("lang", pa.dictionary(pa.int32(), pa.string()), nullable=False),
+            pa.field("input_ids", pa.list_(pa.uint32()), nullable=False),
+        ]
+        if self.is_token_level:
+            # leading positions of input_ids that are left context only (no stored labels)
+            fields.append(pa.field("context_length", pa.uint32(), nullable=False))
+        if self.has_topk:
+            fields += [
+                pa.field("topk_ids", pa.list_(pa.list_(id_t, self.k)), nullable=False),
+                pa.field(
+                    "topk_logprobs", pa.list_(pa.list_(self.value_storage_type, self.k)),
+                    nullable=False,
+                ),
+            ]
+        if self.has_samples:
+            fields += [
+                pa.field("sample_ids", pa.list_(pa.list_(id_t)), nullable=False),
+                pa.field("sample_counts", pa.list_(pa.list_(pa.from_numpy_dtype(SAMPLE_COUNT_TYPE))), nullable=False),
+            ]
+        if self.entropy and self.is_token_level:
+            fields.append(pa.field("entropy", pa.list_(pa.float16()), nullable=False))
+        if self.kind == "sequence_probs":
+            fields += [
+                pa.field(
+                    "class_logprobs", pa.list_(self.value_storage_type, self.num_classes),
+                    nullable=False,
+                ),
+                pa.field("label", pa.int32(), nullable=False),
+            ]
+        return pa.schema(fields)

@@ -1,0 +1,116 @@
+"""Parquet shards: one file per shard, one row group per block of about ``row_group_tokens``.
+
+Column encodings were chosen by measurement (``benchmarks/bench_codecs.py``): zstd on
+every column, dictionary encoding only for ``doc_key`` and ``lang``, and
+BYTE_STREAM_SPLIT for the token-id and float columns. Splitting ids into byte planes
+lets zstd see that the high bytes of Zipf-distributed ids are mostly small; it cut
+top-k id bytes by about a fifth on our synthetic data. The file's key-value metadata
+carries the record layout, the config fingerprint and the work unit, so a shard
+describes itself even away from its manifest.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from logitcache.config import StorageConfig
+from logitcache.errors import CacheFormatError
+from logitcache.storage_schemas.layout import RecordLayout
+from logitcache.storage_schemas.location import CacheLocation
+from logitcache.storage_schemas.records import (
+    RecordBlock,
+    block_cuts,
+    block_to_table,
+    table_to_block,
+)
+
+METADATA_PREFIX = "logitcache."
+
+#: Leaf paths (as Parquet names them) that get BYTE_STREAM_SPLIT when numeric.
+_SPLIT_LEAVES = {
+    "topk_ids": "topk_ids.list.element.list.element",
+    "topk_logprobs": "topk_logprobs.list.element.list.element",
+    "sample_ids": "sample_ids.list.element.list.element",
+    "entropy": "entropy.list.element",
+    "class_logprobs": "class_logprobs.list.element",
+}
+
+
+def _split_columns(schema: pa.Schema) -> list[str]:
+    out = []
+    for name, leaf in _SPLIT_LEAVES.items():
+        if name not in schema.names:
+            continue
+        leaf_type = schema.field(name).type
+        while pa.types.is_list(leaf_type) or pa.types.is_fixed_size_list(leaf_type):
+            leaf_type = leaf_type.value_type
+        if leaf_type.bit_width > 8:  # a one-byte value has no byte planes to split
+            out.append(leaf)
+    return out
+
+
+class ParquetBackend:
+    name = "parquet"
+    extension = ".parquet"
+
+    def write(
+        self, location: CacheLocation, rel: str, block: RecordBlock, *,
+        layout: RecordLayout, storage: StorageConfig, metadata: dict[str, str],
+    ) -> int:
+        """Write ``block`` to ``rel``; return the number of row groups written."""
+        table = block_to_table(block, layout)
+        file_metadata = {f"{METADATA_PREFIX}{k}": v for k, v in metadata.items()}
+        file_metadata[f"{METADATA_PREFIX}layout"] = json.dumps(layout.to_dict())
+        schema = table.schema.with_metadata(file_metadata)
+        cuts = block_cuts(block.token_offsets, storage.row_group_tokens)
+        compression = "zstd" if storage.compression == "zstd" else "none"
+        with location.open(rel, "wb") as sink, pq.ParquetWriter(
+            sink, schema,
+            compression=compression,
+            compression_level=storage.compression_level if compression == "zstd" else None,
+            use_dictionary=["doc_key", "lang"],
+            use_byte_stream_split=_split_columns(schema),
+            write_statistics=["record_id"],
+            store_schema=True,
+        ) as writer:
+            for start, stop in zip(cuts[:-1], cuts[1:], strict=True):
+                rows = table.slice(start, stop - start).cast(schema)
+                writer.write_table(rows, row_group_size=max(stop - start, 1))
+        return len(cuts) - 1
+
+    def _file(self, location: CacheLocation, rel: str) -> pq.ParquetFile:
+        try:
+            return pq.ParquetFile(location.open(rel, "rb"))
+        except (pa.ArrowInvalid, OSError) as exc:
+            raise CacheFormatError(f"{location.full(rel)}: not a readable Parquet file ({exc})") from exc
+
+    def num_blocks(self, location: CacheLocation, rel: str) -> int:
+        return self._file(location, rel).num_row_groups
+
+    def read_metadata(self, location: CacheLocation, rel: str) -> dict[str, str]:
+        raw = self._file(location, rel).schema_arrow.metadata or {}
+        prefix = METADATA_PREFIX.encode()
+        return {k[len(prefix):].decode(): v.decode() for k, v in raw.items() if k.startswith(prefix)}
+
+    def read_block(self, location: CacheLocation, rel: str, layout: RecordLayout, index: int) -> RecordBlock:
+        try:
+            table = self._file(location, rel).read_row_group(index)
+        except (pa.ArrowInvalid, OSError) as exc:
+            raise CacheFormatError(f"{location.full(rel)}: row group {index} unreadable ({exc})") from exc
+        return table_to_block(table, layout)
+
+    def read(self, location: CacheLocation, rel: str, layout: RecordLayout) -> RecordBlock:
+        try:
+            table = self._file(location, rel).read()
+        except (pa.ArrowInvalid, OSError) as exc:
+            raise CacheFormatError(f"{location.full(rel)}: unreadable ({exc})") from exc
+        return table_to_block(table, layout)
+
+    def num_records(self, location: CacheLocation, rel: str) -> int:
+        return self._file(location, rel).metadata.num_rows
+
+    def arrow_schema(self, location: CacheLocation, rel: str) -> pa.Schema:
+        return self._file(location, rel).schema_arrow

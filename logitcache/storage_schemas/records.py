@@ -1,0 +1,307 @@
+"""RecordBlock: a batch of cache records as flat numpy arrays, and its Arrow form.
+
+Both backends write a RecordBlock and read one back; stage one produces them and stage
+two consumes them. Token-level columns are flat and token-major, with offsets, so that a
+whole shard or row group is handled by a few vectorised numpy calls and never by a
+Python loop over tokens:
+
+- ``token_offsets[R+1]``: record r's tokens are ``input_ids[token_offsets[r]:token_offsets[r+1]]``;
+- ``label_offsets[R+1]``: record r's labelled positions (its tokens after ``context_length``)
+  are rows ``label_offsets[r]:label_offsets[r+1]`` of ``topk_ids`` / ``topk_logprobs`` /
+  ``entropy`` (shape ``[P, k]`` / ``[P]``);
+- ``sample_offsets[P+1]``: position p's draws are ``sample_ids[sample_offsets[p]:sample_offsets[p+1]]``.
+
+``topk_logprobs`` and ``class_logprobs`` hold the *stored* values (codec output); use
+:meth:`RecordBlock.decoded_topk_logprobs` for float32.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields, replace
+
+import numpy as np
+import pyarrow as pa
+
+from logitcache.errors import CacheFormatError
+from logitcache.storage_schemas.layout import SAMPLE_COUNT_TYPE, RecordLayout
+from logitcache.storage_schemas.value_codecs import get_value_codec
+
+
+@dataclass(kw_only=True, eq=False)
+class RecordBlock:
+    record_id: np.ndarray  # uint64 [R]
+    doc_key: np.ndarray  # object (str) [R]
+    lang: np.ndarray  # object (str) [R]
+    token_offsets: np.ndarray  # int64 [R+1]
+    input_ids: np.ndarray  # uint32 [T]
+    context_length: np.ndarray | None = None  # uint32 [R] (token-level kinds)
+    topk_ids: np.ndarray | None = None  # id type [P, k]
+    topk_logprobs: np.ndarray | None = None  # codec storage type [P, k]
+    sample_offsets: np.ndarray | None = None  # int64 [P+1]
+    sample_ids: np.ndarray | None = None  # id type [S]
+    sample_counts: np.ndarray | None = None  # uint16 [S]
+    entropy: np.ndarray | None = None  # float16 [P]
+    class_logprobs: np.ndarray | None = None  # codec storage type [R, C]
+    label: np.ndarray | None = None  # int32 [R], -1 = none
+
+    @property
+    def num_records(self) -> int:
+        return len(self.record_id)
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.token_offsets[-1] - self.token_offsets[0])
+
+    @property
+    def label_offsets(self) -> np.ndarray:
+        """Offsets of each record's labelled positions in the position-major columns."""
+        lengths = np.diff(self.token_offsets)
+        if self.context_length is not None:
+            lengths = lengths - self.context_length.astype(np.int64)
+        out = np.zeros(len(lengths) + 1, dtype=np.int64)
+        np.cumsum(lengths, out=out[1:])
+        return out
+
+    @property
+    def num_positions(self) -> int:
+        return int(self.label_offsets[-1])
+
+    def decoded_topk_logprobs(self, layout: RecordLayout) -> np.ndarray:
+        return get_value_codec(layout.value_codec).decode(self.topk_logprobs)
+
+    def decoded_class_logprobs(self, layout: RecordLayout) -> np.ndarray:
+        return get_value_codec(layout.value_codec).decode(self.class_logprobs)
+
+    def lang_counts(self) -> dict[str, dict[str, int]]:
+        """Per language: records and tokens."""
+        out: dict[str, dict[str, int]] = {}
+        tokens = np.diff(self.token_offsets)
+        langs, inverse = np.unique(self.lang.astype(str), return_inverse=True)
+        for i, lang in enumerate(langs.tolist()):
+            mask = inverse == i
+            out[lang] = {"records": int(mask.sum()), "tokens": int(tokens[mask].sum())}
+        return out
+
+    def column_names(self) -> list[str]:
+        return [f.name for f in fields(self) if getattr(self, f.name) is not None]
+
+    def equals(self, other: RecordBlock) -> bool:
+        """Column-wise equality (offsets compared after rebasing to zero)."""
+        if self.column_names() != other.column_names():
+            return False
+        for name in self.column_names():
+            a, b = getattr(self, name), getattr(other, name)
+            if name.endswith("offsets"):
+                a, b = a - a[0], b - b[0]
+            if a.shape != b.shape or not np.array_equal(a, b):
+                return False
+        return True
+
+    @staticmethod
+    def concat(blocks: list[RecordBlock]) -> RecordBlock:
+        """Join blocks of one layout into one (offsets are re-based)."""
+        if not blocks:
+            raise ValueError("nothing to concatenate")
+        out = {}
+        for f in fields(RecordBlock):
+            parts = [getattr(b, f.name) for b in blocks]
+            if parts[0] is None:
+                out[f.name] = None
+            elif f.name.endswith("offsets"):
+                out[f.name] = _concat_offsets(parts)
+            else:
+                out[f.name] = np.concatenate(parts)
+        return RecordBlock(**out)
+
+    def take_records(self, start: int, stop: int) -> RecordBlock:
+        """Records ``start:stop`` as a new block (copies the slices)."""
+        t0, t1 = self.token_offsets[start], self.token_offsets[stop]
+        lab = self.label_offsets
+        p0, p1 = lab[start], lab[stop]
+        out = replace(
+            self,
+            record_id=self.record_id[start:stop], doc_key=self.doc_key[start:stop],
+            lang=self.lang[start:stop], token_offsets=self.token_offsets[start:stop + 1] - t0,
+            input_ids=self.input_ids[t0:t1],
+        )
+        if self.context_length is not None:
+            out.context_length = self.context_length[start:stop]
+        if self.topk_ids is not None:
+            out.topk_ids = self.topk_ids[p0:p1]
+            out.topk_logprobs = self.topk_logprobs[p0:p1]
+        if self.entropy is not None:
+            out.entropy = self.entropy[p0:p1]
+        if self.sample_offsets is not None:
+            s0, s1 = self.sample_offsets[p0], self.sample_offsets[p1]
+            out.sample_offsets = self.sample_offsets[p0:p1 + 1] - s0
+            out.sample_ids = self.sample_ids[s0:s1]
+            out.sample_counts = self.sample_counts[s0:s1]
+        if self.class_logprobs is not None:
+            out.class_logprobs = self.class_logprobs[start:stop]
+            out.label = self.label[start:stop]
+        return out
+
+    def validate(self, layout: RecordLayout) -> None:
+        """Check shapes and types against ``layout``; raise CacheFormatError naming the column."""
+        r = self.num_records
+        _expect(self.token_offsets.shape == (r + 1,), "token_offsets", f"shape ({r + 1},)")
+        _expect(self.input_ids.shape == (self.num_tokens,), "input_ids", f"{self.num_tokens} tokens")
+        for name in ("doc_key", "lang"):
+            _expect(getattr(self, name).shape == (r,), name, f"{r} values")
+        if layout.is_token_level:
+            _expect(self.context_length is not None, "context_length", "a value per record")
+            _expect(bool((self.context_length <= np.diff(self.token_offsets)).all()),
+                    "context_length", "at most the record's length")
+        p = self.num_positions
+        if layout.has_topk:
+            for name in ("topk_ids", "topk_logprobs"):
+                arr = getattr(self, name)
+                _expect(arr is not None and arr.shape == (p, layout.k), name, f"shape ({p}, {layout.k})")
+            _expect(self.topk_ids.dtype == np.dtype(layout.id_type), "topk_ids", layout.id_type)
+            storage = get_value_codec(layout.value_codec).storage_dtype
+            _expect(self.topk_logprobs.dtype == np.dtype(storage), "topk_logprobs", storage)
+        if layout.has_samples:
+            _expect(self.sample_offsets is not None and self.sample_offsets.shape == (p + 1,),
+                    "sample_offsets", f"shape ({p + 1},)")
+            _expect(self.sample_ids.dtype == np.dtype(layout.id_type), "sample_ids", layout.id_type)
+        if layout.entropy and layout.is_token_level:
+            _expect(self.entropy is not None and self.entropy.shape == (p,), "entropy", f"shape ({p},)")
+        if layout.kind == "sequence_probs":
+            _expect(self.class_logprobs is not None
+                    and self.class_logprobs.shape == (r, layout.num_classes),
+                    "class_logprobs", f"shape ({r}, {layout.num_classes})")
+            _expect(self.label is not None and self.label.shape == (r,), "label", f"{r} values")
+
+
+def _expect(ok: bool, column: str, what: str) -> None:
+    if not ok:
+        raise CacheFormatError(f"column {column!r} does not match the layout: expected {what}")
+
+
+def _concat_offsets(parts: list[np.ndarray]) -> np.ndarray:
+    pieces = [np.zeros(1, dtype=np.int64)]
+    base = 0
+    for offsets in parts:
+        rebased = offsets.astype(np.int64) - offsets[0]
+        pieces.append(rebased[1:] + base)
+        base += int(rebased[-1])
+    return np.concatenate(pieces)
+
+
+# ---------------------------------------------------------------- Arrow conversion
+
+
+def _list_array(offsets: np.ndarray, values: pa.Array) -> pa.ListArray:
+    return pa.ListArray.from_arrays(pa.array(offsets.astype(np.int32), pa.int32()), values)
+
+
+def _fixed_rows(matrix: np.ndarray, value_type: pa.DataType) -> pa.FixedSizeListArray:
+    width = matrix.shape[1]
+    return pa.FixedSizeListArray.from_arrays(pa.array(matrix.reshape(-1), value_type), width)
+
+
+def block_to_table(block: RecordBlock, layout: RecordLayout) -> pa.Table:
+    """The Arrow table of ``block`` in ``layout``'s schema (no per-token Python loops)."""
+    block.validate(layout)
+    schema = layout.arrow_schema()
+    tok = block.token_offsets - block.token_offsets[0]
+    lab = block.label_offsets
+    id_t = pa.from_numpy_dtype(layout.id_type)
+    columns: dict[str, pa.Array] = {
+        "record_id": pa.array(block.record_id, pa.uint64()),
+        "doc_key": pa.array(block.doc_key.tolist(), pa.string()),
+        "lang": pa.array(block.lang.tolist(), pa.string()).dictionary_encode(),
+        "input_ids": _list_array(tok, pa.array(block.input_ids, pa.uint32())),
+    }
+    if layout.is_token_level:
+        columns["context_length"] = pa.array(block.context_length, pa.uint32())
+    if layout.has_topk:
+        columns["topk_ids"] = _list_array(lab, _fixed_rows(block.topk_ids, id_t))
+        columns["topk_logprobs"] = _list_array(
+            lab, _fixed_rows(block.topk_logprobs, layout.value_storage_type)
+        )
+    if layout.has_samples:
+        s_off = block.sample_offsets - block.sample_offsets[0]
+        counts_t = pa.from_numpy_dtype(SAMPLE_COUNT_TYPE)
+        columns["sample_ids"] = _list_array(lab, _list_array(s_off, pa.array(block.sample_ids, id_t)))
+        columns["sample_counts"] = _list_array(
+            lab, _list_array(s_off, pa.array(block.sample_counts, counts_t))
+        )
+    if layout.entropy and layout.is_token_level:
+        columns["entropy"] = _list_array(lab, pa.array(block.entropy.astype(np.float16), pa.float16()))
+    if layout.kind == "sequence_probs":
+        columns["class_logprobs"] = _fixed_rows(block.class_logprobs, layout.value_storage_type)
+        columns["label"] = pa.array(block.label, pa.int32())
+    return pa.Table.from_arrays([columns[f.name] for f in schema], schema=schema)
+
+
+def _flat(column: pa.ChunkedArray | pa.Array) -> tuple[np.ndarray, pa.Array]:
+    """(zero-based int64 offsets, flattened child values) of a list column."""
+    arr = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
+    offsets = np.asarray(arr.offsets, dtype=np.int64)
+    return offsets - offsets[0], arr.flatten()
+
+
+def _numpy(arr: pa.Array) -> np.ndarray:
+    return arr.to_numpy(zero_copy_only=False)
+
+
+def table_to_block(table: pa.Table, layout: RecordLayout) -> RecordBlock:
+    """Inverse of :func:`block_to_table`; raises CacheFormatError on a schema mismatch."""
+    expected = layout.arrow_schema()
+    missing = [n for n in expected.names if n not in table.column_names]
+    if missing:
+        raise CacheFormatError(f"shard lacks column(s) {', '.join(missing)} required by its layout")
+    tok, ids = _flat(table.column("input_ids"))
+    lang = table.column("lang").combine_chunks()
+    if isinstance(lang.type, pa.DictionaryType):
+        lang = lang.dictionary_decode()
+    block = RecordBlock(
+        record_id=_numpy(table.column("record_id").combine_chunks()),
+        doc_key=np.asarray(table.column("doc_key").to_pylist(), dtype=object),
+        lang=np.asarray(lang.to_pylist(), dtype=object),
+        token_offsets=tok,
+        input_ids=_numpy(ids),
+    )
+    if layout.is_token_level:
+        block.context_length = _numpy(table.column("context_length").combine_chunks())
+    if layout.has_topk:
+        _, rows = _flat(table.column("topk_ids"))
+        block.topk_ids = _numpy(rows.flatten()).reshape(-1, layout.k)
+        _, rows = _flat(table.column("topk_logprobs"))
+        block.topk_logprobs = _numpy(rows.flatten()).reshape(-1, layout.k)
+    if layout.has_samples:
+        _, per_pos = _flat(table.column("sample_ids"))
+        s_off, sids = _flat(per_pos)
+        _, per_pos_c = _flat(table.column("sample_counts"))
+        _, counts = _flat(per_pos_c)
+        block.sample_offsets, block.sample_ids, block.sample_counts = s_off, _numpy(sids), _numpy(counts)
+    if layout.entropy and layout.is_token_level:
+        _, ent = _flat(table.column("entropy"))
+        block.entropy = _numpy(ent)
+    if layout.kind == "sequence_probs":
+        rows = table.column("class_logprobs").combine_chunks()
+        block.class_logprobs = _numpy(rows.flatten()).reshape(-1, layout.num_classes)
+        block.label = _numpy(table.column("label").combine_chunks())
+    return block
+
+
+def block_cuts(token_offsets: np.ndarray, target_tokens: int) -> list[int]:
+    """Record indices that cut records into blocks of about ``target_tokens`` tokens.
+
+    Returns ``[0, c1, ..., R]``; a block closes at the first record boundary at or past the
+    target, so every block but the last holds at least ``target_tokens`` tokens (or is one
+    long record). Both backends use these cuts, so a shard's blocks are the same whichever
+    backend stores it.
+    """
+    num_records = len(token_offsets) - 1
+    if num_records <= 0:
+        return [0, 0]
+    rebased = token_offsets - token_offsets[0]
+    cuts, start_tokens = [0], 0
+    while cuts[-1] < num_records:
+        nxt = int(np.searchsorted(rebased, start_tokens + target_tokens, side="left"))
+        nxt = min(max(nxt, cuts[-1] + 1), num_records)
+        cuts.append(nxt)
+        start_tokens = int(rebased[nxt])
+    return cuts

@@ -1,0 +1,126 @@
+"""ShardWriter: the only code that adds shards to a cache, one work unit at a time.
+
+A shard becomes visible in four steps, each leaving a cache whose committed shards all
+read and verify if the process dies right after it:
+
+1. the backend writes the shard under ``_incomplete/`` (never read by anyone);
+2. its bytes are fsynced and hashed;
+3. it is renamed into ``shards/`` (a shard there but not in the manifest is "unlisted":
+   reported by ``verify``, ignored by readers, overwritten when its unit is built again);
+4. the manifest, now listing it with rows, tokens, bytes, sha256 and per-language counts,
+   replaces the old one atomically. This is the commit point.
+
+Opening a writer on an existing cache checks that it was built with the same identity
+(layout, backend, storage settings, teacher, tokenizer, config fingerprint fields) and
+refuses otherwise, naming each field that differs; ``overwrite=True`` starts afresh.
+"""
+
+from __future__ import annotations
+
+import copy
+import re
+import time
+from typing import Any
+
+from logitcache.config import StorageConfig
+from logitcache.errors import IncompatibleCacheError
+from logitcache.storage_schemas.backends import get_backend
+from logitcache.storage_schemas.fingerprint import diff_fields, fingerprint
+from logitcache.storage_schemas.location import CacheLocation
+from logitcache.storage_schemas.manifest import (
+    INCOMPLETE_DIR,
+    MANIFEST_FILE,
+    SHARDS_DIR,
+    Manifest,
+    ShardEntry,
+    cache_identity,
+)
+from logitcache.storage_schemas.records import RecordBlock
+
+_UNIT_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
+
+
+def shard_name(unit_id: str, extension: str) -> str:
+    if not _UNIT_ID.match(unit_id):
+        raise ValueError(
+            f"work unit id {unit_id!r} must be 1-128 letters, digits, '.', '_' or '-' "
+            "(it names the shard file)"
+        )
+    return f"part-{unit_id}{extension}"
+
+
+class ShardWriter:
+    """Commits :class:`RecordBlock` shards into the cache at ``url``.
+
+    ``template`` is a manifest with no shards that describes the cache to write (layout,
+    backend, teacher, tokenizer, ...). Example::
+
+        writer = ShardWriter("runs/cache", template=manifest_template)
+        if "u00000" not in writer.committed_units:
+            writer.commit(block, unit_id="u00000")
+    """
+
+    def __init__(self, url: str, *, template: Manifest, overwrite: bool = False) -> None:
+        self.location = CacheLocation(url)
+        self.backend = get_backend(template.backend)
+        self.storage = StorageConfig(**template.storage)
+        fresh = copy.deepcopy(template)
+        fresh.shards = []
+        fresh.config_fingerprint = fingerprint(cache_identity(fresh))
+        if overwrite:
+            for rel in (MANIFEST_FILE, SHARDS_DIR, INCOMPLETE_DIR):
+                self.location.remove(rel)
+        if self.location.exists(MANIFEST_FILE):
+            existing = Manifest.load(self.location)
+            differences = diff_fields(cache_identity(existing), cache_identity(fresh))
+            if differences:
+                raise IncompatibleCacheError(
+                    f"{self.location.url} was built with a different configuration; "
+                    "fields that differ (cache -> this build):\n  " + "\n  ".join(differences)
+                    + "\nUse a new cache path, or --overwrite to discard the existing cache."
+                )
+            existing.config = fresh.config
+            existing.corpus = {**existing.corpus, **fresh.corpus}
+            self.manifest = existing
+        else:
+            self.manifest = fresh
+        self.location.makedirs(SHARDS_DIR)
+        self.location.remove(INCOMPLETE_DIR)  # leftovers of a killed run: never trusted
+        self.location.makedirs(INCOMPLETE_DIR)
+        self.manifest.save(self.location)
+
+    @property
+    def committed_units(self) -> set[str]:
+        return {s.unit_id for s in self.manifest.shards}
+
+    def commit(self, block: RecordBlock, *, unit_id: str, stats: dict[str, Any] | None = None) -> ShardEntry:
+        """Write, fsync, hash and rename one shard, then commit it to the manifest."""
+        if unit_id in self.committed_units:
+            raise ValueError(f"work unit {unit_id!r} is already committed to {self.location.url}")
+        layout = self.manifest.layout
+        block.validate(layout)
+        name = shard_name(unit_id, self.backend.extension)
+        staging, final = f"{INCOMPLETE_DIR}/{name}", f"{SHARDS_DIR}/{name}"
+        started = time.perf_counter()
+        self.location.remove(staging)
+        num_blocks = self.backend.write(
+            self.location, staging, block, layout=layout, storage=self.storage,
+            metadata={"config_fingerprint": self.manifest.config_fingerprint, "unit_id": unit_id},
+        )
+        self.location.sync_tree(staging)
+        size, sha256 = self.location.digest(staging)
+        self.location.rename(staging, final)
+        entry = ShardEntry(
+            unit_id=unit_id, path=final, records=block.num_records, tokens=block.num_tokens,
+            positions=block.num_positions if layout.is_token_level else 0, bytes=size,
+            sha256=sha256, blocks=num_blocks, langs=block.lang_counts(),
+            stats={"write_seconds": round(time.perf_counter() - started, 4), **(stats or {})},
+        )
+        self.manifest.shards.append(entry)
+        self.manifest.save(self.location)
+        return entry
+
+    def update_stats(self, **stats: Any) -> None:
+        """Merge build statistics (throughput, padding...) into the manifest and save it."""
+        self.manifest.stats.update(stats)
+        self.manifest.save(self.location)

@@ -1,0 +1,111 @@
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from hypothesis.extra.numpy import arrays
+
+from logitcache.errors import ConfigError
+from logitcache.storage_schemas.value_codecs import (
+    Q8_STEP,
+    VALUE_CODECS,
+    get_value_codec,
+    value_codec_names,
+)
+
+# log-probabilities as a teacher produces them: <= 0, sometimes very small, rows of k
+logprob = st.floats(min_value=-80.0, max_value=0.0, width=32, allow_nan=False)
+matrices = st.integers(1, 16).flatmap(
+    lambda k: arrays(np.float32, st.tuples(st.integers(0, 20), st.just(k)), elements=logprob)
+)
+
+
+def sort_rows(a: np.ndarray) -> np.ndarray:
+    return -np.sort(-a, axis=1)
+
+
+@given(matrices)
+def test_float32_is_exact(values):
+    codec = get_value_codec("float32")
+    assert np.array_equal(codec.decode(codec.encode(values)), values)
+
+
+@given(matrices)
+def test_float16_relative_error(values):
+    codec = get_value_codec("float16")
+    decoded = codec.decode(codec.encode(values))
+    assert decoded.dtype == np.float32
+    assert np.all(np.abs(decoded - values) <= np.abs(values) * 2.0**-11 + 1e-7)
+
+
+@given(matrices, st.booleans())
+def test_q8_error_bound_any_row_order(values, presort):
+    # the modular delta makes q8 exact about its levels whatever the order of a row
+    if presort:
+        values = sort_rows(values)
+    codec = get_value_codec("q8")
+    stored = codec.encode(values)
+    assert stored.dtype == np.uint8
+    decoded = codec.decode(stored)
+    inside = values >= codec.exact_range
+    assert np.all(np.abs(decoded - values)[inside] <= Q8_STEP / 2 + 1e-6)
+    # below the range: clamped to the floor, a probability error under exp(floor)
+    assert np.all(decoded[~inside] == np.float32(codec.exact_range))
+    floor_prob = np.exp(codec.exact_range) * (1 + 1e-6)  # float32 rounding
+    assert np.all(np.abs(np.exp(decoded) - np.exp(values))[~inside] <= floor_prob)
+
+
+@given(matrices)
+def test_q8_is_idempotent_on_its_levels(values):
+    codec = get_value_codec("q8")
+    once = codec.decode(codec.encode(values))
+    assert np.array_equal(codec.decode(codec.encode(once)), once)
+
+
+def test_q8_sorted_rows_store_small_deltas():
+    values = sort_rows(np.random.default_rng(0).uniform(-12, 0, size=(50, 64)).astype(np.float32))
+    stored = get_value_codec("q8").encode(values)
+    # after the first column, a sorted row moves a few levels at a time
+    assert stored[:, 1:].mean() < 8
+
+
+def test_q8_clamps_tiny_positive_logprobs():
+    codec = get_value_codec("q8")
+    assert codec.decode(codec.encode(np.array([[1e-6, -0.5]], np.float32)))[0, 0] == 0.0
+
+
+@pytest.mark.parametrize("name", value_codec_names())
+def test_nan_is_refused(name):
+    with pytest.raises(ValueError, match="NaN"):
+        get_value_codec(name).encode(np.array([[0.0, np.nan]], np.float32))
+
+
+@pytest.mark.parametrize("name", value_codec_names())
+def test_minus_infinity_decodes_to_a_probability_of_at_most_the_floor(name):
+    codec = get_value_codec(name)
+    decoded = codec.decode(codec.encode(np.array([[-0.1, -np.inf]], np.float32)))
+    if codec.lossless:
+        assert decoded[0, 1] == -np.inf
+    else:
+        assert np.exp(decoded[0, 1]) <= np.exp(codec.exact_range) * (1 + 1e-6)
+
+
+def test_at_least_one_codec_of_one_byte_or_less():
+    assert any(np.dtype(c.storage_dtype).itemsize <= 1 for c in VALUE_CODECS.values())
+
+
+def test_unknown_codec_lists_the_known_ones():
+    with pytest.raises(ConfigError, match="float16"):
+        get_value_codec("float8x")
+
+
+@settings(max_examples=50)
+@given(matrices)
+def test_tail_mass_stays_meaningful_after_q8(values):
+    # rows normalised over a larger vocabulary: the decoded tail mass stays close
+    rows = sort_rows(values)
+    codec = get_value_codec("q8")
+    decoded = codec.decode(codec.encode(rows))
+    k = rows.shape[1]
+    # each prob is off by at most a factor exp(±1/32), or by exp(floor) when clamped
+    bound = k * np.exp(codec.exact_range) + (np.exp(Q8_STEP / 2) - 1) * np.exp(rows).sum(axis=1)
+    assert np.all(np.abs(np.exp(decoded).sum(axis=1) - np.exp(rows).sum(axis=1)) <= bound + 1e-6)

@@ -1,0 +1,161 @@
+"""Tests of the click layer: version, help, inspect, verify, and the exit-code mapping."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import click
+import pytest
+from click.testing import CliRunner
+
+from logitcache import __version__
+from logitcache.cli import main
+from logitcache.errors import ConfigError
+from logitcache.storage_schemas.shard_writer import ShardWriter
+from tests.factories import make_block, make_layout, make_template
+
+
+def run(*args: str):
+    return CliRunner().invoke(main, list(args))
+
+
+def build_cache(root: Path, *, kind: str = "token_topk", units: int = 2) -> Path:
+    layout = make_layout(kind, k=4)
+    writer = ShardWriter(str(root), template=make_template(layout))
+    for i in range(units):
+        writer.commit(make_block(layout, records=6, seed=i, first_record=10 * i), unit_id=f"u{i:05d}")
+    writer.update_stats(tokens_per_second=1234.5)
+    return root
+
+
+@pytest.fixture
+def cache(tmp_path) -> Path:
+    return build_cache(tmp_path / "cache")
+
+
+def test_version():
+    result = run("--version")
+    assert result.exit_code == 0
+    assert result.output.strip() == f"logitcache {__version__}"
+
+
+@pytest.mark.parametrize("command", [[], *([name] for name in main.commands)])
+def test_every_command_has_help(command):
+    result = run(*command, "--help")
+    assert result.exit_code == 0, result.output
+    assert "Usage:" in result.output
+
+
+def test_unknown_command_and_missing_argument_exit_2():
+    assert run("no-such-command").exit_code == 2
+    assert run("inspect").exit_code == 2
+
+
+def test_inspect_text(cache):
+    result = run("inspect", str(cache))
+    assert result.exit_code == 0, result.output
+    out = result.output
+    assert "token_topk" in out
+    assert "float16" in out  # the value codec
+    assert "bytes/token" in out
+    for lang in ("en", "de", "ru", "zh", "ar", "hi"):
+        assert f"\n  {lang} " in out
+    assert "tail mass" in out
+    assert "tokens_per_second" in out
+
+
+def test_inspect_json(cache):
+    result = run("inspect", str(cache), "--json")
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.output)
+    assert summary["kind"] == "token_topk"
+    assert summary["layout"]["value_codec"] == "float16"
+    assert summary["shards"] == 2 and summary["records"] == 12
+    assert summary["bytes_per_token"] == pytest.approx(summary["bytes"] / summary["positions"], abs=1e-3)
+    assert set(summary["langs"]) == {"en", "de", "ru", "zh", "ar", "hi"}
+    example = summary["example"]
+    assert len(example["topk_ids"]) == len(example["topk_probs"]) == 4
+    assert example["tail_mass"] == pytest.approx(1 - sum(example["topk_probs"]), abs=1e-6)
+    assert 0 < example["tail_mass"] < 1
+
+
+@pytest.mark.parametrize("kind", ["token_topk_sampled", "sequence_probs"])
+def test_inspect_other_kinds(tmp_path, kind):
+    root = build_cache(tmp_path / "cache", kind=kind)
+    result = run("inspect", str(root), "--json")
+    assert result.exit_code == 0, result.output
+    example = json.loads(result.output)["example"]
+    if kind == "sequence_probs":
+        assert sum(example["class_probs"]) == pytest.approx(1, abs=1e-2)
+    else:
+        assert len(example["sample_ids"]) == len(example["sample_counts"]) >= 1
+    assert run("inspect", str(root)).exit_code == 0
+
+
+def test_verify_healthy_cache(cache):
+    result = run("verify", str(cache))
+    assert result.exit_code == 0, result.output
+    assert "OK" in result.output
+    assert run("verify", str(cache), "--deep").exit_code == 0
+    report = json.loads(run("verify", str(cache), "--json").output)
+    assert report["ok"] is True and report["shards_checked"] == 2
+
+
+def test_verify_flipped_byte_exits_1_and_names_the_shard(cache):
+    shard = json.loads((cache / "manifest.json").read_text())["shards"][0]["path"]
+    target = cache / shard
+    data = bytearray(target.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    target.write_bytes(bytes(data))
+    result = run("verify", str(cache))
+    assert result.exit_code == 1
+    assert shard in result.output
+    assert "sha256" in result.output
+    as_json = run("verify", str(cache), "--json")
+    assert as_json.exit_code == 1
+    assert json.loads(as_json.output)["problems"][0]["path"] == shard
+
+
+def test_verify_unlisted_file_is_a_warning(cache):
+    (cache / "_incomplete" / "part-u00007.parquet").write_bytes(b"partial")
+    result = run("verify", str(cache))
+    assert result.exit_code == 0
+    assert "_incomplete/part-u00007.parquet" in result.output
+    assert "warning" in result.output
+
+
+@pytest.mark.parametrize("command", ["inspect", "verify"])
+def test_not_a_cache_exits_2(tmp_path, command):
+    result = run(command, str(tmp_path))
+    assert result.exit_code == 2
+    assert "error:" in result.output
+    assert "not a logitcache cache" in result.output
+    assert "Traceback" not in result.output
+
+
+@pytest.mark.parametrize("command", ["inspect", "verify"])
+def test_newer_format_version_says_upgrade(cache, command):
+    data = json.loads((cache / "manifest.json").read_text())
+    data["format_version"] = "9.0"
+    (cache / "manifest.json").write_text(json.dumps(data))
+    result = run(command, str(cache))
+    assert result.exit_code == 2
+    assert "9.0" in result.output and "upgrade" in result.output
+
+
+def test_error_mapping_uses_the_exit_code_of_the_error():
+    """Later commands get the same mapping for free: any LogitcacheError becomes its code."""
+
+    @main.command("boom-for-test")
+    def boom() -> None:
+        raise ConfigError("students[0].loss.alpha: must be <= 1")
+
+    try:
+        result = run("boom-for-test")
+    finally:
+        main.commands.pop("boom-for-test")
+    assert result.exit_code == 2
+    assert result.output.strip() == "error: students[0].loss.alpha: must be <= 1"
+    assert isinstance(result.exception, SystemExit)
+    assert isinstance(main, click.Group)
