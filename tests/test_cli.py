@@ -159,3 +159,13 @@ def test_error_mapping_uses_the_exit_code_of_the_error():
     assert result.output.strip() == "error: students[0].loss.alpha: must be <= 1"
     assert isinstance(result.exception, SystemExit)
     assert isinstance(main, click.Group)
+
+
+def test_inspect_a_corrupt_cache_still_summarises(cache):
+    for shard in json.loads((cache / "manifest.json").read_text())["shards"]:
+        (cache / shard["path"]).write_bytes(b"garbage")
+    result = run("inspect", str(cache))
+    assert result.exit_code == 0, result.output
+    assert "token_topk" in result.output and "logitcache verify" in result.output
+    summary = json.loads(run("inspect", str(cache), "--json").output)
+    assert summary["example"] is None and "cannot be decoded" in summary["example_error"]

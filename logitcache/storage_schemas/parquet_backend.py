@@ -12,6 +12,8 @@ describes itself even away from its manifest.
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -81,36 +83,36 @@ class ParquetBackend:
                 writer.write_table(rows, row_group_size=max(stop - start, 1))
         return len(cuts) - 1
 
-    def _file(self, location: CacheLocation, rel: str) -> pq.ParquetFile:
+    @contextmanager
+    def _opened(self, location: CacheLocation, rel: str) -> Iterator[pq.ParquetFile]:
+        """The shard as a ParquetFile; Arrow and I/O errors become CacheFormatError."""
         try:
-            return pq.ParquetFile(location.open(rel, "rb"))
+            with location.open(rel, "rb") as handle:
+                yield pq.ParquetFile(handle)
         except (pa.ArrowInvalid, OSError) as exc:
-            raise CacheFormatError(f"{location.full(rel)}: not a readable Parquet file ({exc})") from exc
+            raise CacheFormatError(f"{location.full(rel)}: not a readable Parquet shard ({exc})") from exc
 
     def num_blocks(self, location: CacheLocation, rel: str) -> int:
-        return self._file(location, rel).num_row_groups
+        with self._opened(location, rel) as shard:
+            return shard.num_row_groups
+
+    def num_records(self, location: CacheLocation, rel: str) -> int:
+        with self._opened(location, rel) as shard:
+            return shard.metadata.num_rows
+
+    def arrow_schema(self, location: CacheLocation, rel: str) -> pa.Schema:
+        with self._opened(location, rel) as shard:
+            return shard.schema_arrow
 
     def read_metadata(self, location: CacheLocation, rel: str) -> dict[str, str]:
-        raw = self._file(location, rel).schema_arrow.metadata or {}
+        raw = self.arrow_schema(location, rel).metadata or {}
         prefix = METADATA_PREFIX.encode()
         return {k[len(prefix):].decode(): v.decode() for k, v in raw.items() if k.startswith(prefix)}
 
     def read_block(self, location: CacheLocation, rel: str, layout: RecordLayout, index: int) -> RecordBlock:
-        try:
-            table = self._file(location, rel).read_row_group(index)
-        except (pa.ArrowInvalid, OSError) as exc:
-            raise CacheFormatError(f"{location.full(rel)}: row group {index} unreadable ({exc})") from exc
-        return table_to_block(table, layout)
+        with self._opened(location, rel) as shard:
+            return table_to_block(shard.read_row_group(index), layout)
 
     def read(self, location: CacheLocation, rel: str, layout: RecordLayout) -> RecordBlock:
-        try:
-            table = self._file(location, rel).read()
-        except (pa.ArrowInvalid, OSError) as exc:
-            raise CacheFormatError(f"{location.full(rel)}: unreadable ({exc})") from exc
-        return table_to_block(table, layout)
-
-    def num_records(self, location: CacheLocation, rel: str) -> int:
-        return self._file(location, rel).metadata.num_rows
-
-    def arrow_schema(self, location: CacheLocation, rel: str) -> pa.Schema:
-        return self._file(location, rel).schema_arrow
+        with self._opened(location, rel) as shard:
+            return table_to_block(shard.read(), layout)

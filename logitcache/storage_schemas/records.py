@@ -115,13 +115,14 @@ class RecordBlock:
 
     def take_records(self, start: int, stop: int) -> RecordBlock:
         """Records ``start:stop`` as a new block (copies the slices)."""
-        t0, t1 = self.token_offsets[start], self.token_offsets[stop]
+        base = self.token_offsets[0]  # offsets need not start at zero
+        t0, t1 = self.token_offsets[start] - base, self.token_offsets[stop] - base
         lab = self.label_offsets
         p0, p1 = lab[start], lab[stop]
         out = replace(
             self,
             record_id=self.record_id[start:stop], doc_key=self.doc_key[start:stop],
-            lang=self.lang[start:stop], token_offsets=self.token_offsets[start:stop + 1] - t0,
+            lang=self.lang[start:stop], token_offsets=self.token_offsets[start:stop + 1] - (t0 + base),
             input_ids=self.input_ids[t0:t1],
         )
         if self.context_length is not None:
@@ -132,8 +133,9 @@ class RecordBlock:
         if self.entropy is not None:
             out.entropy = self.entropy[p0:p1]
         if self.sample_offsets is not None:
-            s0, s1 = self.sample_offsets[p0], self.sample_offsets[p1]
-            out.sample_offsets = self.sample_offsets[p0:p1 + 1] - s0
+            s_base = self.sample_offsets[0]
+            s0, s1 = self.sample_offsets[p0] - s_base, self.sample_offsets[p1] - s_base
+            out.sample_offsets = self.sample_offsets[p0:p1 + 1] - (s0 + s_base)
             out.sample_ids = self.sample_ids[s0:s1]
             out.sample_counts = self.sample_counts[s0:s1]
         if self.class_logprobs is not None:
@@ -164,6 +166,9 @@ class RecordBlock:
             _expect(self.sample_offsets is not None and self.sample_offsets.shape == (p + 1,),
                     "sample_offsets", f"shape ({p + 1},)")
             _expect(self.sample_ids.dtype == np.dtype(layout.id_type), "sample_ids", layout.id_type)
+            num_samples = int(self.sample_offsets[-1] - self.sample_offsets[0])
+            for name in ("sample_ids", "sample_counts"):
+                _expect(getattr(self, name).shape == (num_samples,), name, f"{num_samples} values")
         if layout.entropy and layout.is_token_level:
             _expect(self.entropy is not None and self.entropy.shape == (p,), "entropy", f"shape ({p},)")
         if layout.kind == "sequence_probs":
@@ -191,7 +196,15 @@ def _concat_offsets(parts: list[np.ndarray]) -> np.ndarray:
 # ---------------------------------------------------------------- Arrow conversion
 
 
+_MAX_LIST_OFFSET = np.iinfo(np.int32).max
+
+
 def _list_array(offsets: np.ndarray, values: pa.Array) -> pa.ListArray:
+    if len(offsets) and int(offsets[-1]) > _MAX_LIST_OFFSET:
+        raise CacheFormatError(
+            f"a shard may hold at most {_MAX_LIST_OFFSET:,} values per column, this one needs "
+            f"{int(offsets[-1]):,}; use smaller work units (corpus.unit_documents)"
+        )
     return pa.ListArray.from_arrays(pa.array(offsets.astype(np.int32), pa.int32()), values)
 
 

@@ -12,6 +12,7 @@ from typing import Any
 
 import numpy as np
 
+from logitcache.errors import CorruptShardError
 from logitcache.storage_schemas.layout import RecordLayout
 from logitcache.storage_schemas.manifest import ShardEntry
 from logitcache.storage_schemas.records import RecordBlock
@@ -59,8 +60,16 @@ def summarize_cache(url: str) -> dict[str, Any]:
         "stats": dict(manifest.stats),
         "created_at": manifest.created_at,
         "updated_at": manifest.updated_at,
-        "example": _example(reader),
+        **_example_or_error(reader),
     }
+
+
+def _example_or_error(reader) -> dict[str, Any]:
+    """``{"example": ...}``, or, when its shard cannot be decoded, the error beside a None."""
+    try:
+        return {"example": _example(reader)}
+    except CorruptShardError as exc:  # inspect still shows the manifest; verify says more
+        return {"example": None, "example_error": str(exc)}
 
 
 def _round(value: float | None, digits: int) -> float | None:
@@ -178,7 +187,11 @@ def format_summary(summary: dict[str, Any]) -> str:
     width = max(len(key) for key, _ in rows)
     lines = [f"{key:<{width}}  {value}" for key, value in rows]
     lines += ["", "languages:", *_lang_table(summary["langs"], summary["tokens"])]
-    lines += ["", *_example_text(summary.get("example"))]
+    if summary.get("example_error"):
+        lines += ["", f"example: cannot be decoded ({summary['example_error']}); "
+                      "run `logitcache verify` on the cache"]
+    else:
+        lines += ["", *_example_text(summary.get("example"))]
     return "\n".join(lines)
 
 

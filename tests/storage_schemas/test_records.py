@@ -97,3 +97,21 @@ def test_layout_schema_types():
     assert schema.field("topk_ids").type == pa.list_(pa.list_(pa.uint32(), 8))
     assert schema.field("topk_logprobs").type == pa.list_(pa.list_(pa.uint8(), 8))
     assert RecordLayout.from_dict(layout.to_dict()) == layout
+
+
+def test_take_records_with_offsets_not_starting_at_zero():
+    layout = make_layout("token_topk_sampled")
+    block = make_block(layout, records=8)
+    shifted = make_block(layout, records=8)
+    shifted.token_offsets = shifted.token_offsets + 1000
+    shifted.sample_offsets = shifted.sample_offsets + 77
+    for a, b in [(0, 8), (2, 5), (7, 8)]:
+        assert shifted.take_records(a, b).equals(block.take_records(a, b))
+
+
+def test_validate_checks_sample_lengths():
+    layout = make_layout("token_sampled")
+    block = make_block(layout, records=4)
+    block.sample_counts = block.sample_counts[:-1]
+    with pytest.raises(CacheFormatError, match="sample_counts"):
+        block.validate(layout)
