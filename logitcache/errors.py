@@ -39,3 +39,15 @@ class CorruptShardError(LogitcacheError):
 
 class VocabularyTooLargeError(ConfigError):
     """A vocabulary does not fit the widest token-id type the format has."""
+
+
+class CorpusError(LogitcacheError):
+    """The corpus cannot be read as configured: missing file or column, bad document."""
+
+    exit_code = 2
+
+
+class TeacherError(LogitcacheError):
+    """The teacher model or its tokenizer cannot be loaded or does not fit the job."""
+
+    exit_code = 2
