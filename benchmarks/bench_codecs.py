@@ -56,6 +56,7 @@ import time  # noqa: E402
 from dataclasses import dataclass, fields  # noqa: E402
 from pathlib import Path  # noqa: E402
 
+import numcodecs  # noqa: E402
 import numpy as np  # noqa: E402
 import pyarrow as pa  # noqa: E402
 import pyarrow.parquet as pq  # noqa: E402
@@ -82,6 +83,8 @@ KS = (8, 32, 64, 128)
 BACKENDS = ("parquet", "zarr")
 DEFAULT_TOKENS = 131_072
 QUICK_TOKENS = 4_096
+BREAKDOWN = (32_000, 64)  # (vocab, k) of the read-time breakdown
+BREAKDOWN_CODECS = ("float16", "q8")
 TARGET_BYTES_K64 = 80.0
 TARGET_DECODE_TOKENS_S = 3e6
 
@@ -275,6 +278,62 @@ def measure_naive(records: SyntheticRecords, vocab: int, k: int, workdir: Path,
     )
 
 
+def _best(fn, repeats: int) -> float:
+    best = float("inf")
+    for _ in range(repeats):
+        started = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - started)
+    return best
+
+
+def read_breakdown(records: SyntheticRecords, vocab: int, k: int, codecs: tuple[str, ...],
+                   workdir: Path, repeats: int) -> list[dict[str, float | str]]:
+    """Where a whole-shard read's time goes, per backend and codec (milliseconds).
+
+    ``ids`` / ``values``: reading that one column alone through the backend's library
+    (``ParquetFile.read(columns=[...])``, ``zarr.open_array(...)[...]``); ``rest`` = the
+    whole ``read_shard`` minus both; ``decode`` = ``decoded_topk_logprobs``; ``zstd`` =
+    ``numcodecs.Zstd`` (same level) decompressing the ids and the stored values held in
+    memory as plain arrays, a floor for any zstd-compressed layout of these bytes.
+    """
+    out = []
+    for codec in codecs:
+        layout = RecordLayout(kind="token_topk", id_type=id_type_for_vocab(vocab),
+                              vocab_size=vocab, k=k, value_codec=codec)
+        block = encode_block(records, layout)
+        level = StorageConfig().compression_level
+        zstd = numcodecs.Zstd(level=level)
+        packed = [zstd.encode(np.ascontiguousarray(a)) for a in (block.topk_ids, block.topk_logprobs)]
+        zstd_s = _best(lambda packed=packed, zstd=zstd: [zstd.decode(p) for p in packed], repeats)
+        for backend in BACKENDS:
+            cache = workdir / f"breakdown-{backend}-{codec}"
+            entry = ShardWriter(str(cache), template=make_template(layout, backend)).commit(
+                block, unit_id="u00000")
+            reader = CacheReader(str(cache))
+            path = cache / entry.path
+            if backend == "parquet":
+                def column(name: str, path: Path = path) -> None:
+                    pq.ParquetFile(path).read(columns=[name])
+            else:
+                def column(name: str, path: Path = path) -> None:
+                    zarr.open_array(str(path / name), mode="r")[...]
+            total = _best(lambda reader=reader, entry=entry: reader.read_shard(entry), repeats)
+            ids_s = _best(lambda column=column: column("topk_ids"), repeats)
+            values_s = _best(lambda column=column: column("topk_logprobs"), repeats)
+            stored = reader.read_shard(entry)
+            decode_s = _best(lambda stored=stored, layout=layout: stored.decoded_topk_logprobs(layout),
+                             repeats)
+            shutil.rmtree(cache)
+            out.append({
+                "backend": backend, "codec": codec, "read_shard": total * 1e3, "ids": ids_s * 1e3,
+                "values": values_s * 1e3, "rest": (total - ids_s - values_s) * 1e3,
+                "decode": decode_s * 1e3, "zstd": zstd_s * 1e3,
+                "tok_s": records.num_tokens / (total + decode_s),
+            })
+    return out
+
+
 # ---------------------------------------------------------------- report
 
 
@@ -308,8 +367,9 @@ def _fmt_err(x: float) -> str:
     return "0" if x == 0 else f"{x:.2e}"
 
 
-def render(rows: list[Row], floors: dict[tuple[int, int], tuple[float, float]], *, tokens: int,
-           repeats: int, command: str, pinned: str, seconds: float) -> str:
+def render(rows: list[Row], floors: dict[tuple[int, int], tuple[float, float]],
+           breakdown: list[dict[str, float | str]], *, tokens: int, repeats: int, command: str,
+           pinned: str, seconds: float) -> str:
     out = [
         f"Command: `{command}`",
         "",
@@ -355,6 +415,22 @@ def render(rows: list[Row], floors: dict[tuple[int, int], tuple[float, float]], 
         stored = min(r.id_bytes for r in rows if r.vocab == vocab and r.k == k)
         out.append(f"| {vocab // 1000}k | {k} | {marginal_bits:.2f} | {k * marginal_bits / 8:.1f} "
                    f"| {sequence_bits / 8:.1f} | {stored:.1f} |")
+    out += [
+        "",
+        f"Where the read time goes ({BREAKDOWN[0] // 1000}k vocab, k={BREAKDOWN[1]}, one shard of "
+        f"{tokens:,} positions, milliseconds, best of {max(repeats, 5)}): *ids* / *values* = that column "
+        "alone through pyarrow / zarr; *rest* = `read_shard` minus both; *decode* = "
+        "`decoded_topk_logprobs`; *zstd floor* = numcodecs zstd (same level) decompressing "
+        "the same ids and stored values from memory, no file format around them.",
+        "",
+        "| backend | codec | read_shard ms | ids ms | values ms | rest ms | decode ms "
+        "| zstd floor ms | read + decode Mtok/s |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for b in breakdown:
+        out.append(f"| {b['backend']} | {b['codec']} | {b['read_shard']:.1f} | {b['ids']:.1f} "
+                   f"| {b['values']:.1f} | {b['rest']:.1f} | {b['decode']:.1f} | {b['zstd']:.1f} "
+                   f"| {b['tok_s'] / 1e6:.2f} |")
     out += ["", "Against the targets:", ""]
     naive = [r for r in rows if r.backend == "naive parquet" and r.k == 64]
     if naive:
@@ -405,6 +481,7 @@ def main(argv: list[str] | None = None) -> int:
     codecs = value_codec_names()
     rows: list[Row] = []
     floors: dict[tuple[int, int], tuple[float, float]] = {}
+    breakdown: list[dict[str, float | str]] = []
     with tempfile.TemporaryDirectory(prefix="bench_codecs-", dir=args.tmp_dir) as tmp:
         workdir = Path(tmp)
         for vocab in VOCABS:
@@ -424,7 +501,10 @@ def main(argv: list[str] | None = None) -> int:
                         print(_progress(row), file=sys.stderr, flush=True)
                     if not all(np.array_equal(decoded_by_backend[0], d) for d in decoded_by_backend):
                         raise AssertionError(f"backends decode {codec} differently at k={k}")
-    report = render(rows, floors, tokens=tokens, repeats=repeats, command=command, pinned=pinned,
+            if vocab == BREAKDOWN[0]:
+                breakdown = read_breakdown(base.with_k(BREAKDOWN[1]), vocab, BREAKDOWN[1],
+                                           BREAKDOWN_CODECS, workdir, max(repeats, 5))
+    report = render(rows, floors, breakdown, tokens=tokens, repeats=repeats, command=command, pinned=pinned,
                     seconds=time.perf_counter() - started)
     print(report)
     if args.out is not None:

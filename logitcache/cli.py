@@ -32,6 +32,15 @@ class LogitcacheGroup(click.Group):
             ctx.exit(exc.exit_code)
 
 
+def config_options(command):
+    """The options every job command shares: CONFIG and repeated ``--set key.path=value``."""
+    command = click.option(
+        "--set", "overrides", multiple=True, metavar="KEY.PATH=VALUE",
+        help="Override a config field, e.g. --set soft_labels.k=32 (repeatable).",
+    )(command)
+    return click.argument("config", type=click.Path(dir_okay=False))(command)
+
+
 def _print_json(data: Any) -> None:
     click.echo(json.dumps(data, indent=2, ensure_ascii=False, default=str))
 
@@ -85,6 +94,28 @@ def verify(ctx: click.Context, cache: str, deep: bool, as_json: bool) -> None:
         click.echo(report.to_text())
     if not report.ok:
         ctx.exit(1)
+
+
+@main.command()
+@config_options
+@click.option("--overwrite", is_flag=True, help="Discard an existing cache at the configured path first.")
+@click.option("--json", "as_json", is_flag=True, help="Print the build summary as JSON.")
+@click.option("--no-progress", is_flag=True, help="Do not draw a progress bar.")
+def build(config: str, overrides: tuple[str, ...], overwrite: bool, as_json: bool, no_progress: bool) -> None:
+    """Stage one: run the teacher over the corpus and write its soft labels to the cache.
+
+    Re-running the same CONFIG skips work units already committed, so an interrupted build
+    resumes where it stopped and a grown corpus adds only its new units. A different
+    configuration into an existing cache is refused with the fields that differ.
+    """
+    from logitcache.config import load_config
+    from logitcache.stages.build_cache import build_cache
+
+    summary = build_cache(load_config(config, overrides), overwrite=overwrite, progress=not no_progress)
+    if as_json:
+        _print_json(summary.to_dict())
+    else:
+        click.echo(summary.to_text())
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -1,0 +1,263 @@
+"""Stage one end to end, on the tiny multilingual corpus and tiny teachers of conftest."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from logitcache.config import config_from_dict
+from logitcache.errors import IncompatibleCacheError
+from logitcache.pipeline.teacher import load_teacher
+from logitcache.stages.build_cache import build_cache
+from logitcache.storage_schemas.records import RecordBlock
+from logitcache.storage_schemas.shard_reader import CacheReader
+from logitcache.storage_schemas.value_codecs import get_value_codec
+from logitcache.storage_schemas.verify import verify_cache
+from tests import fixtures_models
+
+
+def job(cache, corpus_path, model, **sections):
+    data = {
+        "cache": str(cache),
+        "corpus": {"data_files": [str(Path(corpus_path) / "*.jsonl")], "lang_column": "lang",
+                   "id_column": "id", "unit_documents": 10},
+        "teacher": {"model": str(model), "batch_tokens": 400},
+        "windows": {"max_length": 48, "stride": 0},
+        "soft_labels": {"k": 8, "values": "float32"},
+    }
+    for name, values in sections.items():
+        data[name] = {**data.get(name, {}), **values}
+    return config_from_dict(data)
+
+
+def read_all(cache) -> tuple[CacheReader, RecordBlock]:
+    reader = CacheReader(str(cache))
+    blocks = [reader.read_shard(e, verify=True) for e in reader.shards]
+    return reader, RecordBlock.concat(blocks)
+
+
+def sorted_by_record(block: RecordBlock) -> RecordBlock:
+    order = np.argsort(block.record_id, kind="stable")
+    return RecordBlock.concat([block.take_records(int(i), int(i) + 1) for i in order])
+
+
+@pytest.mark.parametrize(
+    ("backend", "codec", "max_length", "stride"),
+    [("parquet", "float32", 48, 0), ("zarr", "float32", 48, 12), ("parquet", "q8", 512, 0),
+     ("zarr", "float16", 32, 31)],
+)
+def test_labels_equal_a_plain_full_logit_forward(tmp_path, corpus_dir, tiny_causal_lm_dir,
+                                                 backend, codec, max_length, stride):
+    cfg = job(tmp_path / "cache", corpus_dir, tiny_causal_lm_dir, storage={"backend": backend},
+              soft_labels={"values": codec, "entropy": True},
+              windows={"max_length": max_length, "stride": stride})
+    summary = build_cache(cfg, progress=False)
+    assert summary.units_built == 6 and summary.units_skipped == 0  # 2 files x (10 + 10 + 5)
+    reader, block = read_all(tmp_path / "cache")
+    assert verify_cache(str(tmp_path / "cache"), deep=True).ok
+    teacher = load_teacher(cfg.teacher)
+    values = block.decoded_topk_logprobs(reader.layout)
+    bound = get_value_codec(codec).max_abs_error + 1e-4
+    labels = block.label_offsets
+    rng = np.random.default_rng(0)
+    checked = 0
+    for r in rng.choice(block.num_records, size=min(25, block.num_records), replace=False):
+        tokens = block.input_ids[block.token_offsets[r]:block.token_offsets[r + 1]].astype(np.int64)
+        context = int(block.context_length[r])
+        assert len(tokens) <= max_length
+        ids = torch.from_numpy(tokens)[None]
+        logp = torch.log_softmax(teacher.logits(ids, torch.ones_like(ids)).float()[0], -1)[context:]
+        ref_lp, ref_ids = torch.topk(logp, 8, dim=-1)
+        got_ids = block.topk_ids[labels[r]:labels[r + 1]].astype(np.int64)
+        got_lp = values[labels[r]:labels[r + 1]]
+        np.testing.assert_array_equal(got_ids, ref_ids.numpy())
+        np.testing.assert_allclose(got_lp, ref_lp.numpy(), atol=bound, rtol=0)
+        entropy = -(logp.exp() * logp).sum(-1).numpy()
+        np.testing.assert_allclose(block.entropy[labels[r]:labels[r + 1]].astype(np.float32), entropy, rtol=2e-3, atol=2e-3)
+        checked += 1
+    assert checked > 10
+    # every document token is labelled exactly once across its windows
+    per_doc = {}
+    for r in range(block.num_records):
+        per_doc.setdefault(block.doc_key[r], 0)
+        per_doc[block.doc_key[r]] += int(labels[r + 1] - labels[r])
+    tokenizer = teacher.tokenizer
+    texts = {d["id"]: d["text"] for d in fixtures_models.multilingual_texts()}
+    for key, count in per_doc.items():
+        assert count == len(tokenizer(texts[key])["input_ids"])
+    manifest = reader.manifest
+    assert set(manifest.lang_totals()) == {"en", "de", "es", "ru", "zh", "ar", "hi"}
+    assert set(manifest.stats["mean_entropy_per_lang"]) == set(manifest.lang_totals())
+    assert 0 <= manifest.stats["padding_fraction"] < 0.5
+
+
+def test_sampled_counts_follow_the_teacher(tmp_path, corpus_dir, tiny_causal_lm_dir):
+    cfg = job(tmp_path / "cache", corpus_dir, tiny_causal_lm_dir,
+              soft_labels={"mode": "sampled", "samples": 64})
+    build_cache(cfg, progress=False)
+    _, block = read_all(tmp_path / "cache")
+    teacher = load_teacher(cfg.teacher)
+    labels, offsets = block.label_offsets, block.sample_offsets
+    # per position, sum_i count_i/N * log q_i estimates E_q[log q] = -entropy without bias
+    errors = []
+    for r in range(0, block.num_records, 3):
+        tokens = torch.from_numpy(block.input_ids[block.token_offsets[r]:block.token_offsets[r + 1]].astype(np.int64))[None]
+        logq = torch.log_softmax(teacher.logits(tokens, torch.ones_like(tokens)).float()[0], -1).numpy()
+        for p_local, p in enumerate(range(labels[r], labels[r + 1])):
+            ids = block.sample_ids[offsets[p]:offsets[p + 1]].astype(np.int64)
+            counts = block.sample_counts[offsets[p]:offsets[p + 1]].astype(np.float64)
+            assert counts.sum() == 64
+            row = logq[p_local].astype(np.float64)
+            estimate = (counts / 64 * row[ids]).sum()
+            errors.append(estimate - (np.exp(row) * row).sum())
+    errors = np.asarray(errors)
+    z = errors.mean() / (errors.std(ddof=1) / np.sqrt(len(errors)))
+    assert len(errors) > 500 and abs(z) < 4, z
+    # a biased sampler (always the argmax) would be far off
+    assert np.mean(np.abs(errors)) < 0.5
+
+
+def test_resume_skips_committed_units_and_matches(tmp_path, corpus_dir, tiny_causal_lm_dir):
+    cfg = job(tmp_path / "cache", corpus_dir, tiny_causal_lm_dir)
+    full = job(tmp_path / "full", corpus_dir, tiny_causal_lm_dir)
+    build_cache(full, progress=False)
+    reader = CacheReader(str(tmp_path / "full"))
+    # a cache holding only the first two units, as a killed run would leave it
+    from logitcache.storage_schemas.shard_writer import ShardWriter
+
+    build_cache(cfg, progress=False)
+    writer = ShardWriter(str(tmp_path / "cache"), template=reader.manifest)
+    writer.manifest.shards = writer.manifest.shards[:2]
+    writer.manifest.save(writer.location)
+    second = build_cache(cfg, progress=False)
+    assert second.units_skipped == 2 and second.units_built == 4
+    third = build_cache(cfg, progress=False)
+    assert third.units_built == 0 and "no teacher forward" in third.to_text()
+    assert sorted_by_record(read_all(tmp_path / "cache")[1]).equals(sorted_by_record(read_all(tmp_path / "full")[1]))
+
+
+def test_grown_corpus_builds_only_new_units(tmp_path, multilingual_texts, tiny_causal_lm_dir):
+    corpus = tmp_path / "corpus"
+    fixtures_models.write_corpus(corpus, multilingual_texts[:30], parts=1)
+    cfg = job(tmp_path / "cache", corpus, tiny_causal_lm_dir)
+    assert build_cache(cfg, progress=False).units_built == 3
+    before = {e.unit_id: e.sha256 for e in CacheReader(str(tmp_path / "cache")).shards}
+    (corpus / "part-9.jsonl").write_text(
+        "".join(json.dumps(d, ensure_ascii=False) + "\n" for d in multilingual_texts[30:]), encoding="utf-8")
+    grown = build_cache(cfg, progress=False)
+    assert grown.units_skipped == 3 and grown.units_built == 2
+    after = {e.unit_id: e.sha256 for e in CacheReader(str(tmp_path / "cache")).shards}
+    assert {k: after[k] for k in before} == before and len(after) == 5
+
+
+def test_changed_source_under_a_committed_unit_is_refused(tmp_path, multilingual_texts, tiny_causal_lm_dir):
+    corpus = tmp_path / "corpus"
+    fixtures_models.write_corpus(corpus, multilingual_texts[:20], parts=1)
+    cfg = job(tmp_path / "cache", corpus, tiny_causal_lm_dir)
+    build_cache(cfg, progress=False)
+    fixtures_models.write_corpus(corpus, multilingual_texts[5:25], parts=1)
+    with pytest.raises(IncompatibleCacheError, match="changed"):
+        build_cache(cfg, progress=False)
+
+
+def test_different_config_is_refused_and_overwrite_works(tmp_path, corpus_dir, tiny_causal_lm_dir):
+    build_cache(job(tmp_path / "cache", corpus_dir, tiny_causal_lm_dir), progress=False)
+    other = job(tmp_path / "cache", corpus_dir, tiny_causal_lm_dir, soft_labels={"k": 4},
+                windows={"max_length": 32})
+    with pytest.raises(IncompatibleCacheError) as err:
+        build_cache(other, progress=False)
+    assert "soft_labels.k" in str(err.value) and "windows.max_length" in str(err.value)
+    assert CacheReader(str(tmp_path / "cache")).layout.k == 8  # untouched
+    assert build_cache(other, overwrite=True, progress=False).units_built == 6
+    assert CacheReader(str(tmp_path / "cache")).layout.k == 4
+
+
+def test_sequence_classifier_stores_class_distributions(tmp_path, corpus_dir, tiny_classifier_dir):
+    cfg = job(tmp_path / "cache", corpus_dir, tiny_classifier_dir,
+              teacher={"task": "sequence_classification"}, corpus={"label_column": "label"})
+    build_cache(cfg, progress=False)
+    reader, block = read_all(tmp_path / "cache")
+    assert reader.manifest.kind == "sequence_probs"
+    probs = np.exp(block.decoded_class_logprobs(reader.layout))
+    np.testing.assert_allclose(probs.sum(1), 1, atol=1e-5)
+    assert block.num_records == 50 and set(block.label.tolist()) <= {0, 1, 2}
+    teacher = load_teacher(cfg.teacher)
+    r = 3
+    tokens = torch.from_numpy(block.input_ids[block.token_offsets[r]:block.token_offsets[r + 1]].astype(np.int64))[None]
+    reference = teacher.class_logprobs(tokens, torch.ones_like(tokens))[0].numpy()
+    np.testing.assert_allclose(block.class_logprobs[r], reference, atol=1e-4)
+
+
+def _cli_config(tmp_path, corpus_dir, model, unit_documents=4) -> Path:
+    cfg = {
+        "cache": str(tmp_path / "cache"),
+        "corpus": {"data_files": [str(Path(corpus_dir) / "*.jsonl")], "lang_column": "lang",
+                   "id_column": "id", "unit_documents": unit_documents},
+        "teacher": {"model": str(model), "batch_tokens": 256},
+        "windows": {"max_length": 48},
+        "soft_labels": {"k": 8, "mode": "topk+sampled", "samples": 16, "values": "q8"},
+    }
+    path = tmp_path / "job.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def test_sigkill_and_resume_equals_an_uninterrupted_build(tmp_path, corpus_dir, tiny_causal_lm_dir):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
+    command = [sys.executable, "-m", "logitcache", "build", "--no-progress"]
+    path = _cli_config(tmp_path, corpus_dir, tiny_causal_lm_dir)
+    manifest = tmp_path / "cache" / "manifest.json"
+    process = subprocess.Popen([*command, str(path)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.time() + 120
+    committed = 0
+    while time.time() < deadline and process.poll() is None:
+        if manifest.exists():
+            try:
+                committed = len(json.loads(manifest.read_text())["shards"])
+            except (json.JSONDecodeError, KeyError):
+                committed = 0
+            if committed >= 2:
+                break
+        time.sleep(0.02)
+    assert process.poll() is None, "the build finished before it could be killed: " + process.stderr.read().decode()
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    partial = CacheReader(str(tmp_path / "cache")).shards
+    assert 2 <= len(partial) < 14  # 2 files x 7 units of 4 documents
+    done = subprocess.run([*command, "--json", str(path)], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    summary = json.loads(done.stdout)
+    assert summary["units_skipped"] == len(partial)
+    assert summary["units_built"] == 14 - len(partial)
+    assert verify_cache(str(tmp_path / "cache"), deep=True).ok
+
+    reference = tmp_path / "ref"
+    reference.mkdir()
+    ref_path = _cli_config(reference, corpus_dir, tiny_causal_lm_dir)
+    subprocess.run([*command, str(ref_path)], env=env, check=True, capture_output=True, timeout=300)
+    assert sorted_by_record(read_all(tmp_path / "cache")[1]).equals(sorted_by_record(read_all(reference / "cache")[1]))
+
+
+def test_cli_build_refuses_a_different_config_with_exit_2(tmp_path, corpus_dir, tiny_causal_lm_dir):
+    from click.testing import CliRunner
+
+    from logitcache.cli import main
+
+    path = _cli_config(tmp_path, corpus_dir, tiny_causal_lm_dir, unit_documents=25)
+    runner = CliRunner()
+    first = runner.invoke(main, ["build", "--no-progress", str(path)])
+    assert first.exit_code == 0, first.output
+    assert "built 2 unit(s)" in first.output
+    refused = runner.invoke(main, ["build", "--no-progress", str(path), "--set", "soft_labels.k=4"])
+    assert refused.exit_code == 2
+    assert "soft_labels.k" in refused.output and "--overwrite" in refused.output
+    bad = runner.invoke(main, ["build", str(path), "--set", "soft_labels.kk=4"])
+    assert bad.exit_code == 2 and "did you mean" in bad.output
