@@ -430,6 +430,39 @@ def _size(source: str) -> int:
     return fs.size(path)
 
 
+def _estimate_rows(source: str) -> int | None:
+    """Rows of a file, cheaply: Parquet metadata, or a count of line breaks (None for the hub)."""
+    loader = _loader(source)
+    if loader == "hub":
+        return None
+    if loader == "parquet":
+        import pyarrow.parquet as pq
+
+        with fsspec.open(source, "rb") as handle:
+            return pq.ParquetFile(handle).metadata.num_rows
+    lines, last = 0, b"\n"
+    with fsspec.open(source, "rb", compression="infer") as handle:
+        while chunk := handle.read(1 << 22):
+            lines += chunk.count(b"\n")
+            last = chunk[-1:]
+    lines += last != b"\n"  # a last line without a line break
+    return max(lines - 1, 0) if loader == "csv" else lines
+
+
+def estimate_units(cfg: CorpusConfig) -> int | None:
+    """About how many work units the corpus has, for a progress bar's ETA; None if unknown.
+
+    Counts line breaks, so blank lines in a JSONL file make it an overestimate.
+    """
+    total = 0
+    for source in resolve_sources(cfg):
+        rows = _estimate_rows(source)
+        if rows is None:
+            return None
+        total += -(-rows // cfg.unit_documents)
+    return total
+
+
 def describe_corpus(cfg: CorpusConfig) -> dict[str, Any]:
     """The corpus for the manifest: its sources (with byte sizes of files), columns, unit size."""
     entries = []

@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 from logitcache.config import JobConfig, config_fingerprint_fields, config_to_dict
 from logitcache.errors import IncompatibleCacheError
 from logitcache.pipeline.committer import BackgroundCommitter
-from logitcache.pipeline.corpus import describe_corpus, iter_work_units
+from logitcache.pipeline.corpus import describe_corpus, estimate_units, iter_work_units
 from logitcache.pipeline.soft_labels import SoftLabelSpec
 from logitcache.pipeline.teacher import Teacher, load_teacher
 from logitcache.pipeline.unit_labeler import label_unit, unit_seed
@@ -146,7 +146,8 @@ def build_cache(cfg: JobConfig, *, overwrite: bool = False, progress: bool = Tru
         chunk_positions=max(16, min(4096, _CHUNK_LOGITS // max(teacher.vocab_size, 1))),
     )
 
-    bar = tqdm(desc="build", unit=" unit", disable=not progress, dynamic_ncols=True)
+    bar = tqdm(desc="build", unit=" unit", total=estimate_units(cfg.corpus) if progress else None,
+               disable=not progress, dynamic_ncols=True)
 
     def on_commit(entry: ShardEntry) -> None:
         summary.bytes += entry.bytes

@@ -399,3 +399,17 @@ def test_fsspec_urls_are_globbed_and_read():
         assert describe_corpus(cfg)["sources"][0]["bytes"] == len(first)
     finally:
         memory.rm(root, recursive=True)
+
+
+def test_estimate_units_counts_rows_of_every_file_type(tmp_path):
+    from logitcache.pipeline.corpus import estimate_units
+
+    rows = [{"text": f"doc {i}", "lang": "en"} for i in range(23)]
+    (tmp_path / "a.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    pq.write_table(pa.Table.from_pylist(rows[:12]), tmp_path / "b.parquet")
+    (tmp_path / "c.csv").write_text("text,lang\n" + "".join(f"doc {i},en\n" for i in range(5)))
+    (tmp_path / "d.txt").write_text("one\ntwo\nthree")  # no final line break
+    cfg = CorpusConfig(data_files=[str(tmp_path / "*")], unit_documents=10)
+    # 23 -> 3 units, 12 -> 2, 5 -> 1, 3 -> 1
+    assert estimate_units(cfg) == 7
+    assert estimate_units(CorpusConfig(name="some/dataset")) is None
