@@ -136,10 +136,14 @@ def build_cache(cfg: JobConfig, *, overwrite: bool = False, progress: bool = Tru
     started = time.perf_counter()
     summary = BuildSummary(cache=cfg.cache)
 
+    if not progress:
+        from transformers.utils import logging as transformers_logging
+
+        transformers_logging.disable_progress_bar()
     teacher = load_teacher(cfg.teacher)
     layout = record_layout(cfg, teacher)
     writer = ShardWriter(cfg.cache, template=manifest_template(cfg, teacher, layout), overwrite=overwrite)
-    committed = {entry.unit_id: entry for entry in writer.manifest.shards}
+    committed = {unit_id: writer.manifest.shard_for_unit(unit_id) for unit_id in writer.committed_units}
     spec = SoftLabelSpec(
         mode=cfg.soft_labels.mode if layout.is_token_level else "topk",
         k=max(layout.k, 1), samples=max(layout.samples, 1), entropy=True,

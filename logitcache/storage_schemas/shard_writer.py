@@ -12,7 +12,10 @@ read and verify if the process dies right after it:
 
 Opening a writer on an existing cache checks that it was built with the same identity
 (layout, backend, storage settings, teacher, tokenizer, config fingerprint fields) and
-refuses otherwise, naming each field that differs; ``overwrite=True`` starts afresh.
+refuses otherwise, naming each field that differs. A cache with no committed shard yet
+takes the new identity (nothing would be lost). ``overwrite=True`` starts afresh, but the
+old cache is discarded only when the first new shard commits: a build that fails before
+that leaves it untouched.
 """
 
 from __future__ import annotations
@@ -67,36 +70,57 @@ class ShardWriter:
         fresh = copy.deepcopy(template)
         fresh.shards = []
         fresh.config_fingerprint = fingerprint(cache_identity(fresh))
-        if overwrite:
-            for rel in (MANIFEST_FILE, SHARDS_DIR, INCOMPLETE_DIR):
-                self.location.remove(rel)
-        if self.location.exists(MANIFEST_FILE):
-            existing = Manifest.load(self.location)
+        # an existing cache is replaced only when the first new shard commits, so a build
+        # that fails before that (bad corpus, bad teacher) leaves the old cache as it was
+        self._replace_on_commit = False
+        existing = Manifest.load(self.location) if self.location.exists(MANIFEST_FILE) else None
+        if existing is not None and overwrite:
+            self._replace_on_commit = bool(existing.shards)
+            self.manifest = existing if existing.shards else fresh
+        elif existing is not None:
             differences = diff_fields(cache_identity(existing), cache_identity(fresh))
-            if differences:
+            if differences and existing.shards:
                 raise IncompatibleCacheError(
                     f"{self.location.url} was built with a different configuration; "
                     "fields that differ (cache -> this build):\n  " + "\n  ".join(differences)
                     + "\nUse a new cache path, or --overwrite to discard the existing cache."
                 )
-            existing.config = fresh.config
-            existing.corpus = {**existing.corpus, **fresh.corpus}
-            self.manifest = existing
+            if differences:  # no shard committed yet: nothing to lose, start with this config
+                self.manifest = fresh
+            else:
+                existing.config = fresh.config
+                existing.corpus = {**existing.corpus, **fresh.corpus}
+                self.manifest = existing
         else:
             self.manifest = fresh
+        self._template = fresh
         self.location.makedirs(SHARDS_DIR)
         self.location.remove(INCOMPLETE_DIR)  # leftovers of a killed run: never trusted
         self.location.makedirs(INCOMPLETE_DIR)
+        if not self._replace_on_commit:
+            self.manifest.save(self.location)
+
+    def _replace_existing(self) -> None:
+        """Discard the old cache (``overwrite``): its manifest first, then its shards."""
+        self.manifest = self._template
         self.manifest.save(self.location)
+        self.location.remove(SHARDS_DIR)
+        self.location.makedirs(SHARDS_DIR)
+        self._replace_on_commit = False
 
     @property
     def committed_units(self) -> set[str]:
+        """Units committed to the cache this writer adds to (none when it will overwrite)."""
+        if self._replace_on_commit:
+            return set()
         return {s.unit_id for s in self.manifest.shards}
 
     def commit(self, block: RecordBlock, *, unit_id: str, stats: dict[str, Any] | None = None) -> ShardEntry:
         """Write, fsync, hash and rename one shard, then commit it to the manifest."""
         if unit_id in self.committed_units:
             raise ValueError(f"work unit {unit_id!r} is already committed to {self.location.url}")
+        if self._replace_on_commit:
+            self._replace_existing()
         layout = self.manifest.layout
         block.validate(layout)
         name = shard_name(unit_id, self.backend.extension)
@@ -122,5 +146,7 @@ class ShardWriter:
 
     def update_stats(self, **stats: Any) -> None:
         """Merge build statistics (throughput, padding...) into the manifest and save it."""
+        if self._replace_on_commit:
+            self._replace_existing()
         self.manifest.stats.update(stats)
         self.manifest.save(self.location)

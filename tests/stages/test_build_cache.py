@@ -261,3 +261,26 @@ def test_cli_build_refuses_a_different_config_with_exit_2(tmp_path, corpus_dir, 
     assert "soft_labels.k" in refused.output and "--overwrite" in refused.output
     bad = runner.invoke(main, ["build", str(path), "--set", "soft_labels.kk=4"])
     assert bad.exit_code == 2 and "did you mean" in bad.output
+
+
+def test_a_failed_build_loses_nothing(tmp_path, corpus_dir, tiny_causal_lm_dir):
+    from logitcache.errors import CorpusError
+
+    cfg = job(tmp_path / "cache", corpus_dir, tiny_causal_lm_dir)
+    build_cache(cfg, progress=False)
+    before = {e.unit_id: e.sha256 for e in CacheReader(str(tmp_path / "cache")).shards}
+    typo = job(tmp_path / "cache", corpus_dir, tiny_causal_lm_dir, corpus={"text_column": "txt"})
+    with pytest.raises(CorpusError, match="did you mean 'text'"):
+        build_cache(typo, overwrite=True, progress=False)
+    assert {e.unit_id: e.sha256 for e in CacheReader(str(tmp_path / "cache")).shards} == before
+    assert verify_cache(str(tmp_path / "cache")).ok
+
+
+def test_a_typo_in_a_first_build_does_not_block_the_fixed_config(tmp_path, corpus_dir, tiny_causal_lm_dir):
+    from logitcache.errors import CorpusError
+
+    typo = job(tmp_path / "cache", corpus_dir, tiny_causal_lm_dir, corpus={"text_column": "txt"})
+    with pytest.raises(CorpusError):
+        build_cache(typo, progress=False)
+    fixed = job(tmp_path / "cache", corpus_dir, tiny_causal_lm_dir)
+    assert build_cache(fixed, progress=False).units_built == 6

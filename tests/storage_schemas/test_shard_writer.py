@@ -83,12 +83,40 @@ def test_different_config_is_refused_with_the_fields(tmp_path):
     assert len(CacheReader(str(tmp_path / "c")).shards) == 1
 
 
-def test_overwrite_starts_afresh(tmp_path):
+def test_overwrite_replaces_the_cache_at_the_first_commit(tmp_path):
     layout = make_layout(k=4)
-    ShardWriter(str(tmp_path / "c"), template=make_template(layout)).commit(make_block(layout), unit_id="a")
-    fresh = ShardWriter(str(tmp_path / "c"), template=make_template(make_layout(k=8)), overwrite=True)
+    url = str(tmp_path / "c")
+    old = make_block(layout)
+    ShardWriter(url, template=make_template(layout)).commit(old, unit_id="a")
+    fresh = ShardWriter(url, template=make_template(make_layout(k=8)), overwrite=True)
     assert fresh.committed_units == set()
-    assert CacheLocation(tmp_path / "c").listdir("shards") == []
+    # nothing committed yet: the old cache is still whole
+    reader = CacheReader(url)
+    assert reader.layout.k == 4 and reader.read_shard(reader.shards[0], verify=True).equals(old)
+    new = make_block(make_layout(k=8), seed=3)
+    fresh.commit(new, unit_id="b")
+    reader = CacheReader(url)
+    assert reader.layout.k == 8 and [s.unit_id for s in reader.shards] == ["b"]
+    assert CacheLocation(url).listdir("shards") == ["part-b.parquet"]
+
+
+def test_overwrite_that_commits_nothing_keeps_the_old_cache(tmp_path):
+    layout = make_layout(k=4)
+    url = str(tmp_path / "c")
+    ShardWriter(url, template=make_template(layout)).commit(make_block(layout), unit_id="a")
+    ShardWriter(url, template=make_template(make_layout(k=8)), overwrite=True)  # then the build fails
+    reader = CacheReader(url)
+    assert reader.layout.k == 4 and len(reader.shards) == 1
+    reader.check_shard(reader.shards[0])
+
+
+def test_a_cache_without_shards_takes_a_new_config(tmp_path):
+    # e.g. a first build that failed on a misspelt column before committing anything
+    url = str(tmp_path / "c")
+    ShardWriter(url, template=make_template(make_layout(k=4)))
+    writer = ShardWriter(url, template=make_template(make_layout(k=8)))
+    writer.commit(make_block(make_layout(k=8)), unit_id="a")
+    assert CacheReader(url).layout.k == 8
 
 
 def test_unit_id_must_be_a_safe_file_name(tmp_path):
