@@ -461,3 +461,16 @@ def test_cuda_matches_cpu_and_copies_to_pinned_host_memory() -> None:
     host = PositionLabels(**{name: torch.from_numpy(getattr(out, name)) for name in (
         "topk_ids", "topk_logprobs", "sample_offsets", "sample_ids", "sample_counts", "entropy")})
     check_sample_structure(host, V, expected_total=20)
+
+
+@pytest.mark.parametrize("mode", ["topk", "sampled", "topk+sampled"])
+def test_cpu_row_blocks_do_not_change_any_result(monkeypatch, mode: str) -> None:
+    import logitcache.pipeline.soft_labels as module
+
+    logits = random_logits(90, 300, seed=5)
+    whole = logits_labels(logits, spec(mode, chunk=64), generator=gen(3))
+    monkeypatch.setattr(module, "_CPU_BLOCK_ELEMENTS", 300 * 7)  # blocks of 7 rows in a 64-row chunk
+    blocked = logits_labels(logits, spec(mode, chunk=64), generator=gen(3))
+    assert_labels_equal(whole, blocked)
+    if mode != "sampled":
+        assert_topk_matches(blocked, dense_reference(logits, 5))
