@@ -187,8 +187,9 @@ def _model_config(model_type: str, vocab_size: int, tokenizer: Any, **extra: Any
         if model_type == "gemma2":
             shape.update(head_dim=8, query_pre_attn_scalar=8, sliding_window=64)
     # A wider init than the default 0.02 gives peakier, more teacher-like distributions.
-    return AutoConfig.for_model(model_type, vocab_size=vocab_size, initializer_range=0.1,
-                                tie_word_embeddings=False, **ids, **shape, **extra)
+    settings = {"vocab_size": vocab_size, "initializer_range": 0.1, "tie_word_embeddings": False,
+                **ids, **shape, **extra}  # extra wins: callers may change the shape too
+    return AutoConfig.for_model(model_type, **settings)
 
 
 def build_tiny_causal_lm(out_dir: str | os.PathLike[str], tokenizer_dir: str | os.PathLike[str], *,
@@ -198,8 +199,9 @@ def build_tiny_causal_lm(out_dir: str | os.PathLike[str], tokenizer_dir: str | o
 
     ``model_type`` is any of llama, qwen2, mistral, gpt2, gpt_neox, gemma2. The vocabulary is
     ``len(tokenizer)``, rounded up to a multiple of ``pad_vocab_to`` when given (padding rows, as
-    many released models have). Extra keyword arguments go into the config (e.g.
-    ``final_logit_softcapping`` for gemma2). Saved as safetensors.
+    many released models have). Extra keyword arguments go into the config and override the
+    tiny shape (e.g. ``hidden_size=768``, or ``final_logit_softcapping`` for gemma2). Saved as
+    safetensors.
     """
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
