@@ -82,6 +82,7 @@ __all__ = [
     "SoftLabelSpec",
     "PositionLabels",
     "PositionLabelsNumpy",
+    "HostLabels",
     "label_positions",
     "logits_labels",
 ]
@@ -147,11 +148,13 @@ class PositionLabels:
     sample_counts: Tensor | None  # [S] int64, how often each was drawn
     entropy: Tensor | None  # [P] float32, nats
 
-    def to_numpy(self) -> PositionLabelsNumpy:
-        """Copy every tensor to the host: one copy each, one synchronisation in all.
+    def start_host_copy(self) -> HostLabels:
+        """Start copying every tensor to the host; ``wait()`` on the result gives numpy.
 
-        CUDA tensors are copied asynchronously into pinned host memory and the copying
-        streams are synchronised once at the end; CPU tensors are shared, not copied.
+        CUDA tensors are copied asynchronously into pinned host memory and an event is
+        recorded behind the copies on each device's stream, so waiting blocks only until
+        these copies are done, not on work queued after them (the next batch's forward).
+        CPU tensors are shared, not copied; other accelerators get a plain blocking copy.
         """
         host: dict[str, Tensor | None] = {}
         cuda_devices: set[torch.device] = set()
@@ -166,11 +169,30 @@ class PositionLabels:
                 buffer.copy_(tensor.detach(), non_blocking=True)
                 host[f.name] = buffer
                 cuda_devices.add(tensor.device)
-            else:  # other accelerators: a plain blocking copy
+            else:
                 host[f.name] = tensor.detach().to("cpu")
+        events = []
         for device in cuda_devices:
-            torch.cuda.current_stream(device).synchronize()
-        return PositionLabelsNumpy(**{name: None if t is None else t.numpy() for name, t in host.items()})
+            event = torch.cuda.Event()
+            event.record(torch.cuda.current_stream(device))
+            events.append(event)
+        return HostLabels(host, events)
+
+    def to_numpy(self) -> PositionLabelsNumpy:
+        """Copy every tensor to the host and wait: one copy each, one wait per device."""
+        return self.start_host_copy().wait()
+
+
+class HostLabels:
+    """:class:`PositionLabels` on their way to the host (see :meth:`PositionLabels.start_host_copy`)."""
+
+    def __init__(self, host: dict[str, Tensor | None], events: list) -> None:
+        self._host, self._events = host, events
+
+    def wait(self) -> PositionLabelsNumpy:
+        for event in self._events:
+            event.synchronize()
+        return PositionLabelsNumpy(**{name: None if t is None else t.numpy() for name, t in self._host.items()})
 
 
 @torch.no_grad()

@@ -27,6 +27,7 @@ import torch
 
 from logitcache.pipeline.batches import collate, plan_batches
 from logitcache.pipeline.soft_labels import (
+    HostLabels,
     PositionLabelsNumpy,
     SoftLabelSpec,
     label_positions,
@@ -66,31 +67,6 @@ def unit_seed(base_seed: int, unit_id: str) -> int:
     return int.from_bytes(digest, "little") & ((1 << 63) - 1)
 
 
-class _HostCopy:
-    """Labels on their way to the host; ``wait()`` returns them as numpy."""
-
-    def __init__(self, labels) -> None:
-        self.event = None
-        self.host = {}
-        for name in ("topk_ids", "topk_logprobs", "sample_offsets", "sample_ids", "sample_counts", "entropy"):
-            tensor = getattr(labels, name)
-            if tensor is not None and tensor.device.type == "cuda":
-                buffer = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
-                buffer.copy_(tensor, non_blocking=True)
-                tensor = buffer
-            elif tensor is not None:
-                tensor = tensor.cpu()
-            self.host[name] = tensor
-        if any(t is not None and t.is_pinned() for t in self.host.values()):
-            self.event = torch.cuda.Event()
-            self.event.record()
-
-    def wait(self) -> PositionLabelsNumpy:
-        if self.event is not None:
-            self.event.synchronize()
-        return PositionLabelsNumpy(**{k: None if v is None else v.numpy() for k, v in self.host.items()})
-
-
 def _labelled_mask(batch, windows: list[Window]) -> torch.Tensor:
     width = batch.input_ids.shape[1]
     context = torch.tensor([windows[i].context_length for i in batch.indices], dtype=torch.int64)
@@ -111,7 +87,7 @@ def label_unit(
     pad_id = teacher.tokenizer.pad_token_id if teacher.tokenizer.pad_token_id is not None else 0
 
     per_batch: list[tuple[np.ndarray, PositionLabelsNumpy | np.ndarray]] = []
-    pending: tuple[np.ndarray, _HostCopy] | None = None
+    pending: tuple[np.ndarray, HostLabels] | None = None
     started = time.perf_counter()
     for indices in groups:
         batch = collate(windows, indices, pad_id=pad_id)
@@ -129,7 +105,7 @@ def label_unit(
         else:
             logits = teacher.logits(batch.input_ids, batch.attention_mask)
             labels = logits_labels(logits[mask.to(logits.device)], spec, generator=generator)
-        copy = _HostCopy(labels)
+        copy = labels.start_host_copy()
         if pending is not None:
             per_batch.append((pending[0], pending[1].wait()))
         pending = (owners, copy)
