@@ -185,7 +185,6 @@ class Plan:
 def plan_like_build(cfg: JobConfig, teacher: Teacher) -> Plan:
     """Units, windows and batches exactly as ``build_cache`` / ``label_unit`` make them."""
     plan = Plan()
-    pad_id = teacher.tokenizer.pad_token_id if teacher.tokenizer.pad_token_id is not None else 0
     started = time.perf_counter()
     units = list(iter_work_units(cfg.corpus))
     plan.corpus_s = time.perf_counter() - started
@@ -198,7 +197,7 @@ def plan_like_build(cfg: JobConfig, teacher: Teacher) -> Plan:
         started = time.perf_counter()
         lengths = np.array([len(w.input_ids) for w in windows], dtype=np.int64)
         for indices in plan_batches(lengths, batch_tokens=cfg.teacher.batch_tokens):
-            batch = collate(windows, indices, pad_id=pad_id)
+            batch = collate(windows, indices, pad_id=teacher.pad_token_id)
             plan.tokens += batch.real_tokens
             plan.padded_tokens += batch.padded_tokens
             plan.batches.append((batch.input_ids.to(teacher.device), batch.attention_mask.to(teacher.device)))

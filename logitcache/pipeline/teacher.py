@@ -75,6 +75,12 @@ class Teacher:
     tokenizer_info: dict[str, Any]
     split_head_ok: bool = False  # hidden_states + head reproduce logits (see module docstring)
 
+    @property
+    def pad_token_id(self) -> int:
+        """The id that fills padded slots of a batch (masked, so any id works; 0 without one)."""
+        pad = self.tokenizer.pad_token_id
+        return 0 if pad is None else pad
+
     def _inputs(self, input_ids: Tensor, attention_mask: Tensor) -> dict[str, Tensor]:
         return {"input_ids": input_ids.to(self.device), "attention_mask": attention_mask.to(self.device)}
 

@@ -84,13 +84,12 @@ def label_unit(
     lengths = np.array([len(w.input_ids) for w in windows], dtype=np.int64)
     groups = plan_batches(lengths, batch_tokens=batch_tokens)
     generator = torch.Generator(device=teacher.device).manual_seed(seed)
-    pad_id = teacher.tokenizer.pad_token_id if teacher.tokenizer.pad_token_id is not None else 0
 
     per_batch: list[tuple[np.ndarray, PositionLabelsNumpy | np.ndarray]] = []
     pending: tuple[np.ndarray, HostLabels] | None = None
     started = time.perf_counter()
     for indices in groups:
-        batch = collate(windows, indices, pad_id=pad_id)
+        batch = collate(windows, indices, pad_id=teacher.pad_token_id)
         stats.batches += 1
         stats.padded_tokens += batch.padded_tokens
         if layout.kind == "sequence_probs":
@@ -113,7 +112,7 @@ def label_unit(
         per_batch.append((pending[0], pending[1].wait()))
     stats.forward_seconds = time.perf_counter() - started
 
-    block = _assemble(windows, per_batch, layout=layout, store_entropy=store_entropy)
+    block = _assemble(windows, lengths, per_batch, layout=layout, store_entropy=store_entropy)
     stats.tokens = block.num_tokens
     stats.positions = block.num_positions if layout.is_token_level else 0
     if layout.is_token_level and per_batch:
@@ -141,9 +140,9 @@ def _ragged_take(offsets: np.ndarray, values: list[np.ndarray], order: np.ndarra
     return new_offsets, [v[gather] for v in values]
 
 
-def _assemble(windows: list[Window], per_batch, *, layout: RecordLayout, store_entropy: bool) -> RecordBlock:
+def _assemble(windows: list[Window], lengths: np.ndarray, per_batch, *, layout: RecordLayout,
+              store_entropy: bool) -> RecordBlock:
     n = len(windows)
-    lengths = np.array([len(w.input_ids) for w in windows], dtype=np.int64)
     token_offsets = np.zeros(n + 1, dtype=np.int64)
     np.cumsum(lengths, out=token_offsets[1:])
     block = RecordBlock(
