@@ -118,5 +118,62 @@ def build(config: str, overrides: tuple[str, ...], overwrite: bool, as_json: boo
         click.echo(summary.to_text())
 
 
+@main.command()
+@config_options
+@click.option("--resume/--no-resume", default=True, show_default=True,
+              help="Continue from the newest checkpoint under train.output, or start afresh.")
+@click.option("--json", "as_json", is_flag=True, help="Print the training summary as JSON.")
+@click.option("--no-progress", is_flag=True, help="Do not draw progress bars.")
+def train(config: str, overrides: tuple[str, ...], resume: bool, as_json: bool, no_progress: bool) -> None:
+    """Stage two: train every student of CONFIG from the cache, reading each batch once.
+
+    Checkpoints (every train.save_every batches and at the end) hold all students and the
+    reader's position; running the same CONFIG again resumes exactly where the newest one
+    stopped. Ends with an evaluation on the held-out split and a report.
+    """
+    from logitcache.config import load_config
+    from logitcache.stages.train_students import train_students
+
+    summary = train_students(load_config(config, overrides), resume=resume, progress=not no_progress)
+    if as_json:
+        _print_json(summary.to_dict())
+    else:
+        click.echo(summary.format())
+
+
+@main.command(name="eval")
+@config_options
+@click.option("--json", "as_json", is_flag=True, help="Print the evaluation as JSON.")
+@click.option("--no-progress", is_flag=True, help="Do not draw a progress bar.")
+def evaluate(config: str, overrides: tuple[str, ...], as_json: bool, no_progress: bool) -> None:
+    """Evaluate the trained students of CONFIG on the cache's held-out split, per language.
+
+    Reads each student's final model from train.output, writes eval.json beside it and the
+    markdown + PNG report (eval.report, default <train.output>/report).
+    """
+    from logitcache.config import load_config
+    from logitcache.stages.evaluate import (
+        evaluate_students,
+        load_final_students,
+        write_students_report,
+    )
+    from logitcache.stages.train_students import own_texts
+
+    cfg = load_config(config, overrides)
+    cfg.require_train_sections("logitcache eval")
+    students = load_final_students(cfg)
+    texts = {name: own_texts(cfg, s) for name, s in students.items() if s.reads_text}
+    results = evaluate_students(cfg, students, texts=texts, progress=not no_progress)
+    report = write_students_report(cfg, students, results)
+    if as_json:
+        _print_json({"report": str(report), "students": results})
+        return
+    for name, result in results.items():
+        overall = result["metrics"].get("all") or {}
+        shown = ", ".join(f"{k} {v:.4g}" for k, v in overall.items() if isinstance(v, float))
+        click.echo(f"{name}: {shown}")
+    click.echo(f"report: {report}")
+
+
 if __name__ == "__main__":  # pragma: no cover
     main()

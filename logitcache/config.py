@@ -343,8 +343,13 @@ class StudentConfig(_Section):
 
     name: str  # Unique name; also the student's output directory under train.output.
     model: StudentModelConfig  # Architecture or pretrained weights.
-    # Tokenizer path or hub name; None uses the teacher's (the vocabularies must match).
+    # Tokenizer path or hub name; None uses the model path's tokenizer, or the cache's token ids
+    # as they are for a student built from a config (its vocabulary must cover the teacher's).
     tokenizer: str | None = None
+    # Classification caches only: the student reads this column of the corpus (e.g. the parallel
+    # text in another language) instead of the teacher's tokens; rows join cache records by
+    # document key, so the student's tokenizer is free. None trains on the cached tokens.
+    text_column: str | None = None
     loss: LossConfig = field(default_factory=LossConfig)  # Distillation loss.
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)  # Optimizer and schedule.
     grad_accum: int = _field(1, ge=1)  # Batches accumulated per optimizer step.

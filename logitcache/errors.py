@@ -51,3 +51,9 @@ class TeacherError(LogitcacheError):
     """The teacher model or its tokenizer cannot be loaded or does not fit the job."""
 
     exit_code = 2
+
+
+class StudentError(LogitcacheError):
+    """A student model or tokenizer cannot be built, loaded or trained from this cache."""
+
+    exit_code = 2

@@ -155,7 +155,8 @@ def _check_columns(columns: dict[str, str | None], source: str, present: list[st
             close = difflib.get_close_matches(name, present, n=1)
             hint = f"; did you mean {close[0]!r}?" if close else ""
             have = ", ".join(map(repr, present)) or "none"
-            raise CorpusError(f"{source}: no column {name!r} (corpus.{key}); its columns are {have}{hint}")
+            field_name = key if "." in key else f"corpus.{key}"
+            raise CorpusError(f"{source}: no column {name!r} ({field_name}); its columns are {have}{hint}")
 
 
 def _builder_options(cfg: CorpusConfig, loader: str) -> dict[str, Any]:
@@ -189,10 +190,12 @@ def _open_dataset(cfg: CorpusConfig, source: str, loader: str) -> Any:
                                  **_builder_options(cfg, loader))
 
 
-def _dataset_rows(cfg: CorpusConfig, source: str, loader: str) -> Iterator[dict[str, Any]]:
-    """The source's rows through datasets, as dicts of the configured columns."""
-    columns = _columns(cfg, loader)
-    wanted = [name for name in columns.values() if name is not None]
+def _dataset_rows(cfg: CorpusConfig, source: str, loader: str, *,
+                  extra: dict[str, str] | None = None) -> Iterator[dict[str, Any]]:
+    """The source's rows through datasets, as dicts of the configured columns (and ``extra``
+    ones, named by what asks for them)."""
+    columns = {**_columns(cfg, loader), **(extra or {})}
+    wanted = list(dict.fromkeys(name for name in columns.values() if name is not None))
     dataset = _open_dataset(cfg, source, loader)
     checked = dataset.features is not None
     if checked:
@@ -203,6 +206,29 @@ def _dataset_rows(cfg: CorpusConfig, source: str, loader: str) -> Iterator[dict[
             checked = True
         for values in zip(*(batch[name] for name in wanted), strict=True):
             yield dict(zip(wanted, values, strict=True))
+
+
+def paired_texts(cfg: CorpusConfig, column: str, *, owner: str) -> dict[str, str]:
+    """Document key -> the text of ``column``, for every row whose document stage one would key.
+
+    Keys are computed exactly as stage one computes them (id column, or the hash of the
+    teacher's text column), so a student reading another column (a translation, say) can be
+    joined to the cached records of the same documents. Rows whose ``column`` is empty or not a
+    string are left out; the caller reports records left without a text. ``owner`` names the
+    config field in errors.
+    """
+    out: dict[str, str] = {}
+    for source in resolve_sources(cfg):
+        loader = _loader(source)
+        if loader == "text":
+            raise CorpusError(f"{owner}: {source} is a plain text file, which has no column {column!r}")
+        columns = _columns(cfg, loader)
+        for row, record in enumerate(_dataset_rows(cfg, source, loader, extra={owner: column})):
+            doc = _document(record, columns, source, row)
+            value = record.get(column)
+            if isinstance(doc, Document) and isinstance(value, str) and value.strip():
+                out[doc.key] = value
+    return out
 
 
 def _rows(cfg: CorpusConfig, source: str, loader: str) -> Iterator[tuple[int, dict[str, Any] | _Bad]]:

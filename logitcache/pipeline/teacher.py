@@ -87,7 +87,7 @@ class Teacher:
     @torch.inference_mode()
     def hidden_states(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
         """Final hidden states ``[B, L, H]`` (after the final norm) from the base model."""
-        output = _base_model(self.model)(**self._inputs(input_ids, attention_mask), use_cache=False)
+        output = base_model_of(self.model)(**self._inputs(input_ids, attention_mask), use_cache=False)
         return output.last_hidden_state if hasattr(output, "last_hidden_state") else output[0]
 
     @torch.inference_mode()
@@ -111,10 +111,10 @@ class Teacher:
 
     def check_split_head(self) -> bool:
         """Whether hidden_states + head reproduce logits for this model (see module docstring)."""
-        if self.task != "causal_lm" or _postprocessing(self.model.config) is not None:
+        if self.task != "causal_lm" or logit_postprocessing(self.model.config) is not None:
             return False
         try:
-            _base_model(self.model)
+            base_model_of(self.model)
         except TeacherError:
             return False
         real = max(2, min(len(self.tokenizer), self.vocab_size))
@@ -131,7 +131,7 @@ class Teacher:
         return (split - reference).abs().max().item() <= tolerance
 
 
-def _base_model(model: Any) -> Any:
+def base_model_of(model: Any) -> Any:
     """The module whose output is the final hidden state (Llama/Qwen2/Mistral .model,
     GPT-2 .transformer, GPT-NeoX .gpt_neox, multimodal wrappers' language model)."""
     try:
@@ -145,7 +145,7 @@ def _base_model(model: Any) -> Any:
     return base
 
 
-def _postprocessing(config: Any) -> str | None:
+def logit_postprocessing(config: Any) -> str | None:
     for name, neutral in _LOGIT_POSTPROCESSING.items():
         value = getattr(config, name, neutral)
         if value is not None and value != neutral:

@@ -1,0 +1,107 @@
+"""Checkpoints of a stage-two run: every student and the reader's position, saved as one unit.
+
+A checkpoint is a directory ``<output>/checkpoints/step-<batches>/`` holding, per student,
+the model (``save_pretrained``) and its run state (optimizer, schedule, counters, pending
+gradients), plus ``trainer.json``: the batches read, the reader's resume state, the torch
+RNG state digest and a digest of each student's config. It is written under a temporary
+name and renamed into place, so a run killed while saving leaves the previous checkpoint
+as the latest complete one. Only the newest ``keep`` checkpoints are kept.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from logitcache.errors import StudentError
+
+_STEP_DIR = re.compile(r"^step-(\d{9})$")
+TRAINER_FILE = "trainer.json"
+RUN_STATE_FILE = "run_state.pt"
+
+
+@dataclass(kw_only=True)
+class Checkpoint:
+    path: Path
+    batches: int
+    trainer: dict[str, Any]
+
+    def student_dir(self, name: str) -> Path:
+        return self.path / name
+
+    def run_state(self, name: str) -> dict[str, Any]:
+        return torch.load(self.path / name / RUN_STATE_FILE, map_location="cpu", weights_only=False)
+
+
+class CheckpointStore:
+    """Save and find the checkpoints under ``<output>/checkpoints``."""
+
+    def __init__(self, output: str | os.PathLike[str], *, keep: int = 2) -> None:
+        self.root = Path(output) / "checkpoints"
+        self.keep = keep
+
+    def latest(self) -> Checkpoint | None:
+        """The newest complete checkpoint, or None."""
+        if not self.root.is_dir():
+            return None
+        found = sorted((int(m.group(1)), p) for p in self.root.iterdir() if (m := _STEP_DIR.match(p.name)))
+        for batches, path in reversed(found):
+            try:
+                trainer = json.loads((path / TRAINER_FILE).read_text(encoding="utf-8"))
+            except (OSError, ValueError):
+                continue  # not complete (cannot happen after the rename, but a user may have edited it)
+            return Checkpoint(path=path, batches=batches, trainer=trainer)
+        return None
+
+    def save(self, *, batches: int, trainer: dict[str, Any], runs: dict[str, Any]) -> Path:
+        """Write one checkpoint; ``runs`` maps student name -> (Student, StudentRun)."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        final = self.root / f"step-{batches:09d}"
+        tmp = self.root / f".tmp-{final.name}"
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir()
+        for name, (student, run) in runs.items():
+            student.save(tmp / name)
+            torch.save(run.state_dict(), tmp / name / RUN_STATE_FILE)
+        state = {**trainer, "batches": batches, "torch_rng": torch.get_rng_state().tolist()}
+        (tmp / TRAINER_FILE).write_text(json.dumps(state, indent=1), encoding="utf-8")
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        self._prune()
+        return final
+
+    def _prune(self) -> None:
+        found = sorted((int(m.group(1)), p) for p in self.root.iterdir() if (m := _STEP_DIR.match(p.name)))
+        for _, path in found[: max(0, len(found) - self.keep)]:
+            shutil.rmtree(path, ignore_errors=True)
+        for path in self.root.glob(".tmp-step-*"):
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def restore_rng(trainer: dict[str, Any]) -> None:
+    if "torch_rng" in trainer:
+        torch.set_rng_state(torch.tensor(trainer["torch_rng"], dtype=torch.uint8))
+
+
+def check_resumable(checkpoint: Checkpoint, *, digests: dict[str, str]) -> None:
+    """Refuse to resume a checkpoint written for other students (names or configs)."""
+    saved = checkpoint.trainer.get("students", {})
+    if set(saved) != set(digests):
+        raise StudentError(
+            f"{checkpoint.path}: this checkpoint holds students {sorted(saved)}, the config lists "
+            f"{sorted(digests)}; resume with the same students, or start afresh (--no-resume, or another "
+            "train.output)")
+    changed = sorted(name for name, digest in digests.items() if saved[name].get("config_digest") != digest)
+    if changed:
+        raise StudentError(
+            f"{checkpoint.path}: the config of {', '.join(changed)} changed since this checkpoint; resume with "
+            "the same settings, or start afresh (--no-resume, or another train.output)")

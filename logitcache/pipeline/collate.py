@@ -1,0 +1,251 @@
+"""Turn a stream of cached records into fixed-shape batches for the students.
+
+Token caches are *packed*: records are laid one after another into ``rows`` rows of
+``length`` tokens, in stream order (a record never straddles two rows, and the records of
+a batch are a contiguous run of the stream, which is what lets the reader's resume state
+stay a prefix of each shuffle window). Position ids restart at 0 for each record, and the
+padding at the end of a row restarts them too, so models that read packed sequences from
+position ids (``transformers``' causal masks do, when no attention mask is passed) never
+let one record attend to another. Everything is a fixed shape, ``[B, L]`` and
+``[B, L, k]``, so a GPU sees the same kernels every step.
+
+Per slot the batch says whether it has a teacher label (``label_mask``: a labelled position
+of a record, not left context, not padding) and the hard next-token target
+(``hard_targets``: the record's next token at labelled positions, -100 at a record's last
+token, on context and on padding). Top-k ids and float32 log-probs are ``[B, L, k]``;
+sampled ids and counts are ``[B, L, S]`` padded with count 0.
+
+Classification caches are not packed (a classifier pools one sequence per row): one
+record per row, right-padded, with an attention mask.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass, fields
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from logitcache.storage_schemas.layout import RecordLayout
+
+IGNORE_INDEX = -100
+
+
+@dataclass(kw_only=True)
+class _Movable:
+    """Tensors of a batch that move together: ``to(device)`` and DataLoader pinning."""
+
+    def _map(self, fn) -> Any:
+        values = {}
+        for spec in fields(self):
+            value = getattr(self, spec.name)
+            values[spec.name] = fn(value) if isinstance(value, Tensor) else value
+        return type(self)(**values)
+
+    def to(self, device: torch.device | str, *, non_blocking: bool = False) -> Any:
+        return self._map(lambda t: t.to(device, non_blocking=non_blocking))
+
+    def pin_memory(self) -> Any:
+        return self._map(lambda t: t.pin_memory())
+
+
+@dataclass(kw_only=True)
+class TokenBatch(_Movable):
+    """Packed records of a token-level cache."""
+
+    input_ids: Tensor  # int64 [B, L]
+    position_ids: Tensor  # int64 [B, L], restarting per record
+    segment: Tensor  # int32 [B, L]: index of the slot's record in ``record_ids``, -1 on padding
+    label_mask: Tensor  # bool [B, L]
+    hard_targets: Tensor  # int64 [B, L], IGNORE_INDEX where none
+    topk_ids: Tensor | None = None  # int64 [B, L, k]
+    topk_logprobs: Tensor | None = None  # float32 [B, L, k]
+    sample_ids: Tensor | None = None  # int64 [B, L, S]
+    sample_counts: Tensor | None = None  # float32 [B, L, S]
+    record_ids: np.ndarray  # uint64 [R]
+    langs: list[str]  # [R]
+    cursors: list[tuple[int, int, int, int]]  # the reader's resume cursors of the R records
+    tokens: int  # real (non-padding) tokens
+
+    @property
+    def slots(self) -> int:
+        return int(self.input_ids.numel())
+
+    def position_langs(self) -> np.ndarray:
+        """The language of each labelled position, in ``label_mask`` order."""
+        segment = self.segment[self.label_mask].cpu().numpy()
+        return np.asarray(self.langs, dtype=object)[segment]
+
+
+@dataclass(kw_only=True)
+class SequenceBatch(_Movable):
+    """One record per row of a classification cache."""
+
+    input_ids: Tensor  # int64 [B, L]
+    attention_mask: Tensor  # int64 [B, L]
+    class_logprobs: Tensor  # float32 [B, C]
+    labels: Tensor  # int64 [B], -1 = no gold label
+    record_ids: np.ndarray  # uint64 [B]
+    langs: list[str]
+    cursors: list[tuple[int, int, int, int]]
+    tokens: int
+
+
+def rows_for(batch_tokens: int, length: int) -> int:
+    """Rows of ``length`` slots in a batch of about ``batch_tokens`` tokens (at least one)."""
+    return max(1, batch_tokens // length)
+
+
+class TokenPacker:
+    """Packs records of ``layout`` into ``TokenBatch``es of ``rows x length`` slots."""
+
+    def __init__(self, layout: RecordLayout, *, rows: int, length: int, pad_id: int = 0) -> None:
+        if not layout.is_token_level:
+            raise ValueError(f"TokenPacker packs token-level caches, not {layout.kind}")
+        self.layout, self.rows, self.length, self.pad_id = layout, rows, length, pad_id
+
+    def pack(self, records: Iterable[Any]) -> Iterator[TokenBatch]:
+        """Batches of the records in stream order; the last one may hold fewer rows' worth."""
+        pending: list[Any] = []
+        row, used = 0, 0
+        for record in records:
+            n = len(record.input_ids)
+            if n > self.length:
+                raise ValueError(
+                    f"record {record.record_id} has {n} tokens, more than the batch length "
+                    f"{self.length}; use a length of at least the cache's windows.max_length")
+            if used + n > self.length:
+                row, used = row + 1, 0
+                if row == self.rows:
+                    yield self.collate(pending)
+                    pending, row = [], 0
+            pending.append(record)
+            used += n
+        if pending:
+            yield self.collate(pending)
+
+    def collate(self, records: Sequence[Any]) -> TokenBatch:
+        """One batch of ``records`` (which must fit ``rows x length`` when laid in order)."""
+        rows, length, layout = self.rows, self.length, self.layout
+        input_ids = np.full((rows, length), self.pad_id, dtype=np.int64)
+        position_ids = np.zeros((rows, length), dtype=np.int64)
+        segment = np.full((rows, length), -1, dtype=np.int32)
+        label_mask = np.zeros((rows, length), dtype=bool)
+        hard = np.full((rows, length), IGNORE_INDEX, dtype=np.int64)
+        topk_ids = topk_lp = sample_ids = sample_counts = None
+        if layout.has_topk:
+            topk_ids = np.zeros((rows, length, layout.k), dtype=np.int64)
+            topk_lp = np.full((rows, length, layout.k), -np.inf, dtype=np.float32)
+        if layout.has_samples:
+            sample_ids = np.zeros((rows, length, layout.samples), dtype=np.int64)
+            sample_counts = np.zeros((rows, length, layout.samples), dtype=np.float32)
+
+        row, used, tokens = 0, 0, 0
+        ends = np.zeros(rows, dtype=np.int64)
+        for index, record in enumerate(records):
+            n = len(record.input_ids)
+            if used + n > length:
+                ends[row] = used
+                row, used = row + 1, 0
+            if row >= rows:
+                raise ValueError(f"{len(records)} records do not fit {rows} rows of {length} tokens")
+            start, stop, first = used, used + n, used + record.context_length
+            input_ids[row, start:stop] = record.input_ids
+            position_ids[row, start:stop] = np.arange(n)
+            segment[row, start:stop] = index
+            label_mask[row, first:stop] = True
+            hard[row, first:stop - 1] = record.input_ids[record.context_length + 1:]
+            if topk_ids is not None:
+                topk_ids[row, first:stop] = record.topk_ids
+                topk_lp[row, first:stop] = record.topk_logprobs
+            if sample_ids is not None:
+                _scatter_samples(record, sample_ids[row, first:stop], sample_counts[row, first:stop])
+            used, tokens = stop, tokens + n
+        ends[row] = used
+        for r in range(rows):  # padding is its own segment of restarting positions
+            position_ids[r, ends[r]:] = np.arange(length - ends[r])
+
+        def tensor(array):
+            return None if array is None else torch.from_numpy(array)
+
+        return TokenBatch(
+            input_ids=tensor(input_ids), position_ids=tensor(position_ids), segment=tensor(segment),
+            label_mask=tensor(label_mask), hard_targets=tensor(hard), topk_ids=tensor(topk_ids),
+            topk_logprobs=tensor(topk_lp), sample_ids=tensor(sample_ids), sample_counts=tensor(sample_counts),
+            record_ids=np.array([r.record_id for r in records], dtype=np.uint64),
+            langs=[r.lang for r in records], cursors=[tuple(r.cursor) for r in records], tokens=tokens,
+        )
+
+
+def _scatter_samples(record: Any, ids_out: np.ndarray, counts_out: np.ndarray) -> None:
+    """Spread a record's flat (offsets, ids, counts) draws into ``[positions, S]`` slots."""
+    offsets = record.sample_offsets
+    per_position = np.diff(offsets)
+    if per_position.size == 0:
+        return
+    if per_position.max(initial=0) > ids_out.shape[1]:
+        raise ValueError(f"record {record.record_id} has a position with {per_position.max()} distinct "
+                         f"draws, more than the cache's samples ({ids_out.shape[1]})")
+    position = np.repeat(np.arange(per_position.size), per_position)
+    column = np.arange(offsets[-1] - offsets[0]) - np.repeat(offsets[:-1] - offsets[0], per_position)
+    ids_out[position, column] = record.sample_ids
+    counts_out[position, column] = record.sample_counts
+
+
+class SequencePacker:
+    """One record per row, ``rows`` rows per batch, right-padded to the longest record."""
+
+    def __init__(self, layout: RecordLayout, *, rows: int, pad_id: int = 0) -> None:
+        if layout.kind != "sequence_probs":
+            raise ValueError(f"SequencePacker batches sequence_probs caches, not {layout.kind}")
+        self.layout, self.rows, self.pad_id = layout, rows, pad_id
+
+    def pack(self, records: Iterable[Any]) -> Iterator[SequenceBatch]:
+        pending: list[Any] = []
+        for record in records:
+            pending.append(record)
+            if len(pending) == self.rows:
+                yield self.collate(pending)
+                pending = []
+        if pending:
+            yield self.collate(pending)
+
+    def collate(self, records: Sequence[Any]) -> SequenceBatch:
+        input_ids, attention_mask = pad_sequences([r.input_ids for r in records], pad_id=self.pad_id)
+        return SequenceBatch(
+            input_ids=input_ids, attention_mask=attention_mask,
+            class_logprobs=torch.from_numpy(np.stack([r.class_logprobs for r in records]).astype(np.float32)),
+            labels=torch.tensor([int(r.label) for r in records], dtype=torch.int64),
+            record_ids=np.array([r.record_id for r in records], dtype=np.uint64),
+            langs=[r.lang for r in records], cursors=[tuple(r.cursor) for r in records],
+            tokens=int(attention_mask.sum()),
+        )
+
+
+def pad_sequences(sequences: Sequence[Sequence[int] | np.ndarray], *, pad_id: int) -> tuple[Tensor, Tensor]:
+    """Right-pad token id sequences into ``input_ids`` and ``attention_mask`` ``[B, max_len]``."""
+    width = max(1, max((len(s) for s in sequences), default=1))
+    input_ids = np.full((len(sequences), width), pad_id, dtype=np.int64)
+    attention_mask = np.zeros((len(sequences), width), dtype=np.int64)
+    for row, ids in enumerate(sequences):
+        input_ids[row, :len(ids)] = ids
+        attention_mask[row, :len(ids)] = 1
+    return torch.from_numpy(input_ids), torch.from_numpy(attention_mask)
+
+
+class PackedBatches(torch.utils.data.IterableDataset):
+    """The batches of a packer over a record dataset, built inside the DataLoader workers.
+
+    ``dataset`` stays reachable as ``.dataset`` in the main process, where the training loop
+    reports consumed batches to it (``dataset.observe(batch.cursors)``) for exact resume.
+    """
+
+    def __init__(self, dataset: Any, packer: TokenPacker | SequencePacker) -> None:
+        super().__init__()
+        self.dataset, self.packer = dataset, packer
+
+    def __iter__(self) -> Iterator[TokenBatch | SequenceBatch]:
+        return self.packer.pack(iter(self.dataset))

@@ -1,0 +1,478 @@
+"""CacheDataset: stream a logit cache to a student in a reproducible, resumable order.
+
+Order. The cache's blocks (Parquet row groups / Zarr record blocks, in manifest order)
+are permuted by a generator seeded from ``(seed, epoch)`` and cut into *windows* of
+consecutive blocks holding about ``shuffle_buffer`` records together. The records of a
+window (after the split, the language filter and language sampling) are permuted by a
+generator seeded from ``(seed, epoch, window)``. An epoch is its windows' orders, one after
+the other: a pure function of the seed, the epoch and the shard list. ``shuffle_buffer=0``
+reads the cache in order, one block per window.
+
+Why windows. A window is both the bounded shuffle buffer (its memory is about
+``shuffle_buffer`` records) and the unit of work: each window is read by exactly one
+consumer (a DataLoader worker of a rank), so a consumer reads only its own blocks and no
+data is read twice, yet the order does not depend on how many consumers there are.
+Window g goes to rank ``g % world_size`` and, within the rank, to worker
+``(g // world_size) % num_workers``: a rank can tell its own windows without knowing its
+worker count, so its progress can be pruned and merged with other ranks'.
+
+Resume. Workers are copies of the dataset, so the copy in the training process learns
+what was consumed from the records' cursors ``(epoch, window, index, window size)``
+passed to :meth:`CacheDataset.observe`. A window's records reach the training loop in
+order, so per window only the consumed prefix length is kept; completed epochs are
+pruned. :meth:`~CacheDataset.state_dict` holds that progress and the settings that define
+the order; after :meth:`~CacheDataset.load_state_dict` done windows are skipped, partly
+consumed ones resume at their offset, and the rest are dealt to the current consumers,
+so resuming with other worker or rank counts is exact. A window known from the manifest
+to hold no kept record is never read and counts as done; one that turns out empty only
+after reading (e.g. all its records held out) keeps its epoch open in the state.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import math
+import os
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import numpy as np
+from torch.utils.data import IterableDataset, get_worker_info
+
+from logitcache.errors import ConfigError, IncompatibleCacheError
+from logitcache.storage_schemas.layout import RecordLayout
+from logitcache.storage_schemas.manifest import Manifest
+from logitcache.storage_schemas.records import RecordBlock
+from logitcache.storage_schemas.shard_reader import CacheReader
+
+Split = Literal["train", "eval", "all"]
+_STATE_FORMAT = "logitcache.CacheDataset/1"
+_SALT_BLOCKS, _SALT_RECORDS, _SALT_REPEATS = 0x0B10C, 0x2EC0D, 0x2E9EA7
+# rebuilt in each process rather than pickled into DataLoader workers
+_PER_PROCESS = ("_reader", "_pid", "_plans", "_verified", "_block_shard", "_block_index",
+                "_kept_in_shard")
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class CachedRecord:
+    """One record of the cache, decoded; arrays are views into the window's columns."""
+
+    record_id: int
+    lang: str
+    input_ids: np.ndarray  # int64 [n]
+    context_length: int  # leading tokens with no label; 0 for sequence_probs
+    topk_ids: np.ndarray | None  # int64 [n - context_length, k]
+    topk_logprobs: np.ndarray | None  # float32 [n - context_length, k]
+    sample_offsets: np.ndarray | None  # int64 [n - context_length + 1], from 0
+    sample_ids: np.ndarray | None  # int64 [S]
+    sample_counts: np.ndarray | None  # int64 [S]
+    entropy: np.ndarray | None  # float32 [n - context_length]
+    class_logprobs: np.ndarray | None  # float32 [C]
+    label: int  # gold label of sequence_probs, -1 when none or not that kind
+    cursor: tuple[int, int, int, int]  # (epoch, window, index in window, window size)
+
+
+def _mix(values: np.ndarray) -> np.ndarray:
+    """splitmix64 of each value: a 64-bit hash spreading nearby ids over the whole range."""
+    with np.errstate(over="ignore"):
+        z = values.astype(np.uint64) + np.uint64(0x9E3779B97F4A7C15)
+        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        return z ^ (z >> np.uint64(31))
+
+
+def _unit(hashes: np.ndarray) -> np.ndarray:
+    return (hashes >> np.uint64(11)).astype(np.float64) * 2.0**-53
+
+
+def is_held_out(record_ids: np.ndarray, fraction: float) -> np.ndarray:
+    """Whether each record is in the held-out (eval) split; depends on the id alone."""
+    return _unit(_mix(np.asarray(record_ids, dtype=np.uint64))) < fraction
+
+
+class CacheDataset(IterableDataset):
+    """The records of a cache as an iterable of :class:`CachedRecord`. Example::
+
+        ds = CacheDataset("runs/cache", seed=1, epochs=None, split="train", held_out_fraction=0.01)
+        ds.load_state_dict(checkpoint["data"])  # optional
+        for rec in DataLoader(ds, batch_size=None, num_workers=4):
+            ...  # train on rec
+            ds.observe([rec.cursor])
+        checkpoint["data"] = ds.state_dict()
+
+    ``epochs`` is the total number of epochs (None: endless); iteration starts at the first
+    epoch not yet completed (by :meth:`observe` or a loaded state). ``rank`` and
+    ``world_size`` default to torch.distributed's at construction. ``verify`` checks each
+    shard's sha256 once per process before reading it.
+    """
+
+    def __init__(
+        self, cache: str | CacheReader, *, seed: int = 0, epochs: int | None = 1,
+        shuffle_buffer: int = 4096, split: Split = "all", held_out_fraction: float = 0.0,
+        languages: list[str] | None = None, lang_alpha: float = 1.0,
+        rank: int | None = None, world_size: int | None = None, verify: bool = False,
+    ) -> None:
+        super().__init__()
+        self._reader = cache if isinstance(cache, CacheReader) else CacheReader(cache)
+        self._pid: int | None = os.getpid()  # the process self._reader belongs to
+        self._url = self._reader.location.url
+        self._manifest = self._reader.manifest
+        self.seed, self.epochs, self.shuffle_buffer, self.verify = seed, epochs, shuffle_buffer, verify
+        self.split, self.held_out_fraction, self.lang_alpha = split, held_out_fraction, lang_alpha
+        self.languages = sorted(set(languages)) if languages is not None else None
+        self.rank, self.world_size = _resolve_rank(rank, world_size)
+        self._check_settings()
+        blocks = sum(s.blocks for s in self._manifest.shards)
+        mean_records = max(self._manifest.total_records / max(blocks, 1), 1e-9)
+        self._window_blocks = max(1, math.ceil(shuffle_buffer / mean_records)) if shuffle_buffer else 1
+        self._num_windows = math.ceil(blocks / self._window_blocks)
+        counts = self._lang_records()
+        # f_l = p_l * N / n_l: how often, on average, an epoch draws a record of language l
+        self._repeat_factor = {lang: p * sum(counts.values()) / counts[lang]
+                               for lang, p in self.language_weights().items()}
+        self._index_blocks()
+        self._first_open = 0  # epochs before it are complete for this rank's windows
+        self._latest = -1  # latest epoch observed
+        self._done: dict[int, set[int]] = {}  # open epoch -> done windows
+        self._consumed: dict[int, dict[int, int]] = {}  # open epoch -> window -> records consumed
+        self._left: dict[int, int] = {}  # open epoch -> this rank's non-empty windows not done
+
+    def _check_settings(self) -> None:
+        present = self._manifest.lang_totals()
+        missing = sorted(set(self.languages or ()) - set(present))
+        held = ", ".join(f"{k} ({v['records']} records)" for k, v in present.items()) or "none"
+        checks = [
+            (isinstance(self.seed, int) and self.seed >= 0, f"seed must be an int >= 0, not {self.seed!r}"),
+            (self.epochs is None or self.epochs >= 1, f"epochs must be >= 1 or None, got {self.epochs}"),
+            (self.shuffle_buffer >= 0, f"shuffle_buffer must be >= 0, got {self.shuffle_buffer}"),
+            (self.split in ("train", "eval", "all"), f"split must be train, eval or all, not {self.split!r}"),
+            (0.0 <= self.held_out_fraction < 1.0,
+             f"held_out_fraction must be in [0, 1), got {self.held_out_fraction}"),
+            (self.split != "eval" or self.held_out_fraction > 0, "split eval needs held_out_fraction > 0"),
+            (self.lang_alpha >= 0.0, f"lang_alpha must be >= 0, got {self.lang_alpha}"),
+            (0 <= self.rank < self.world_size, f"rank must be in [0, {self.world_size}), not {self.rank}"),
+            (not missing, f"languages {missing} are not in the cache, which holds: {held}"),
+        ]
+        problems = [message for ok, message in checks if not ok]
+        if problems:
+            raise ConfigError("CacheDataset: " + "; ".join(problems))
+
+    def _lang_records(self) -> dict[str, int]:
+        """Records per kept language, from the manifest."""
+        return {lang: c["records"] for lang, c in self._manifest.lang_totals().items()
+                if (self.languages is None or lang in self.languages) and c["records"] > 0}
+
+    def _settings(self) -> dict[str, Any]:
+        shard_list = [[s.path, s.records, s.blocks] for s in self._manifest.shards]
+        digest = hashlib.sha256(json.dumps(shard_list).encode()).hexdigest()[:16]
+        return {
+            "seed": self.seed, "shuffle_buffer": self.shuffle_buffer, "split": self.split,
+            "held_out_fraction": self.held_out_fraction, "languages": self.languages,
+            "lang_alpha": self.lang_alpha, "shards": f"{len(shard_list)} shards, sha256 {digest}",
+        }
+
+    @property
+    def layout(self) -> RecordLayout:
+        return self._manifest.layout
+
+    @property
+    def manifest(self) -> Manifest:
+        return self._manifest
+
+    def language_weights(self) -> dict[str, float]:
+        """Sampling probability of each kept language: proportional to records ** lang_alpha."""
+        weights = {lang: n ** self.lang_alpha for lang, n in self._lang_records().items()}
+        return {lang: w / sum(weights.values()) for lang, w in weights.items()}
+
+    def records_per_epoch(self) -> int:
+        """Records one epoch yields: exact for split='all' and lang_alpha=1, else the
+        expectation (language sampling keeps the total only on average)."""
+        share = {"all": 1.0, "train": 1.0 - self.held_out_fraction, "eval": self.held_out_fraction}
+        return round(sum(self._lang_records().values()) * share[self.split])
+
+    # ------------------------------------------------------------------ reading
+
+    def _index_blocks(self) -> None:
+        shards = self._manifest.shards
+        blocks = np.array([s.blocks for s in shards], dtype=np.int64)
+        self._block_shard = np.repeat(np.arange(len(shards)), blocks)
+        self._block_index = np.arange(int(blocks.sum())) - np.repeat(np.cumsum(blocks) - blocks, blocks)
+        kept_langs = self._lang_records()
+        self._kept_in_shard = np.array(
+            [sum(c["records"] for lang, c in s.langs.items() if lang in kept_langs) for s in shards],
+            dtype=np.int64)
+        self._plans: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+        self._verified: set[int] = set()
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {k: v for k, v in self.__dict__.items() if k not in _PER_PROCESS}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._reader, self._pid = None, None
+        self._index_blocks()
+
+    def _plan(self, epoch: int) -> tuple[np.ndarray, np.ndarray]:
+        """(block order, which windows may hold kept records) of ``epoch``."""
+        if epoch not in self._plans:
+            order = np.arange(len(self._block_shard))
+            if self.shuffle_buffer > 0:
+                order = np.random.default_rng([self.seed, epoch, _SALT_BLOCKS]).permutation(order)
+            kept = self._kept_in_shard[self._block_shard[order]] > 0
+            starts = np.arange(0, len(order), self._window_blocks)
+            nonempty = np.add.reduceat(kept, starts) > 0 if len(order) else np.zeros(0, bool)
+            while len(self._plans) >= 3:  # epochs overlap only at their boundaries
+                del self._plans[min(self._plans)]
+            self._plans[epoch] = (order, nonempty)
+        return self._plans[epoch]
+
+    def _select(self, block: RecordBlock, epoch: int) -> np.ndarray:
+        """Indices of the records of ``block`` the epoch draws, each as often as drawn."""
+        keep = np.ones(block.num_records, dtype=bool)
+        if self.split != "all":
+            held = is_held_out(block.record_id, self.held_out_fraction)
+            keep &= held if self.split == "eval" else ~held
+        langs, inverse = np.unique(block.lang.astype(str), return_inverse=True)
+        if self.languages is not None:
+            keep &= np.isin(langs, self.languages)[inverse]
+        counts = keep.astype(np.int64)
+        if self.lang_alpha != 1.0:  # floor(f) draws, plus one with probability frac(f)
+            factor = np.array([self._repeat_factor.get(lang, 0.0) for lang in langs])[inverse]
+            key = _mix(np.array([self.seed], np.uint64))
+            key = _mix(_mix(key ^ np.uint64(epoch)) ^ np.uint64(_SALT_REPEATS))
+            draw = _unit(_mix(block.record_id.astype(np.uint64) ^ key))
+            counts *= np.floor(factor).astype(np.int64) + (draw < factor - np.floor(factor))
+        return np.repeat(np.arange(block.num_records), counts)
+
+    def __iter__(self) -> Iterator[CachedRecord]:
+        info = get_worker_info()
+        workers, worker = (info.num_workers, info.id) if info is not None else (1, 0)
+        first, stride = self.rank + self.world_size * worker, self.world_size * workers
+        if first >= self._num_windows:
+            return
+        done, consumed = copy.deepcopy(self._done), copy.deepcopy(self._consumed)
+        epoch = self._first_open
+        while self.epochs is None or epoch < self.epochs:
+            order, nonempty = self._plan(epoch)
+            yielded = 0
+            for window in range(first, self._num_windows, stride):
+                if not nonempty[window] or window in done.get(epoch, ()):
+                    continue
+                blocks = order[window * self._window_blocks:(window + 1) * self._window_blocks]
+                start = consumed.get(epoch, {}).get(window, 0)
+                for record in self._read_window(epoch, window, blocks, start):
+                    yielded += 1
+                    yield record
+            # without shuffling or sampling every epoch is the same: an endless stream whose
+            # share of one was empty would spin forever (and stall a DataLoader)
+            if not (yielded or done.get(epoch) or self.shuffle_buffer or self.lang_alpha != 1.0):
+                return
+            epoch += 1
+
+    def _read_window(self, epoch: int, window: int, blocks: np.ndarray,
+                     start: int) -> Iterator[CachedRecord]:
+        if self._pid != os.getpid():  # a DataLoader worker (pickled or forked): its own reader
+            self._reader, self._pid, self._verified = CacheReader(self._url), os.getpid(), set()
+            if self._reader.manifest.config_fingerprint != self._manifest.config_fingerprint:
+                raise IncompatibleCacheError(f"{self._url} was rebuilt with another configuration")
+        parts = []
+        for b in blocks.tolist():
+            shard = int(self._block_shard[b])
+            entry = self._manifest.shards[shard]
+            if self.verify and shard not in self._verified:
+                self._reader.check_shard(entry)
+                self._verified.add(shard)
+            parts.append(self._reader.read_block(entry, int(self._block_index[b])))
+        block = RecordBlock.concat(parts)
+        rows = self._select(block, epoch)
+        if self.shuffle_buffer > 0:
+            rng = np.random.default_rng([self.seed, epoch, window, _SALT_RECORDS])
+            rows = rows[rng.permutation(len(rows))]
+        if start < len(rows):
+            yield from _records(block, self.layout, rows, start, (epoch, window))
+
+    # ------------------------------------------------------------------ progress
+
+    def observe(self, cursors: Iterable[tuple[int, int, int, int]] | Any) -> None:
+        """Note that the training loop consumed the records with these cursors (a sequence
+        of cursors, or an array / tensor of shape [B, 4])."""
+        if not hasattr(cursors, "__len__"):
+            cursors = list(cursors)
+        for epoch, window, index, size in np.asarray(cursors, dtype=np.int64).reshape(-1, 4).tolist():
+            if epoch < self._first_open or window in self._done.get(epoch, ()):
+                continue
+            self._latest = max(self._latest, epoch)
+            consumed = self._consumed.setdefault(epoch, {})
+            consumed[window] = max(consumed.get(window, 0), index + 1)
+            if consumed[window] >= size:
+                del consumed[window]
+                self._done.setdefault(epoch, set()).add(window)
+                if epoch in self._left and self._needs(epoch, window):
+                    self._left[epoch] -= 1
+        self._prune()
+
+    def _needs(self, epoch: int, window: int) -> bool:
+        """Whether this rank must finish ``window`` to finish ``epoch``."""
+        return window % self.world_size == self.rank and bool(self._plan(epoch)[1][window])
+
+    def _prune(self) -> None:
+        while self._first_open <= self._latest:
+            epoch = self._first_open
+            if epoch not in self._left:
+                done = self._done.get(epoch, set())
+                self._left[epoch] = sum(1 for g in range(self.rank, self._num_windows, self.world_size)
+                                        if g not in done and self._needs(epoch, g))
+            if self._left[epoch] > 0:
+                return
+            for table in (self._done, self._consumed, self._left):
+                table.pop(epoch, None)
+            self._first_open += 1
+
+    def state_dict(self) -> dict[str, Any]:
+        """Progress and order settings, JSON-serialisable; covers this rank's windows."""
+        return _state(self._settings(), self._num_windows, [self.rank, self.world_size],
+                      self._first_open, self._done, self._consumed)
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Resume from ``state``; raises ConfigError if it was saved for another order."""
+        _check_state(state, self._settings())
+        rank, world = state["coverage"]
+        if world != 1 and (rank, world) != (self.rank, self.world_size):
+            raise ConfigError(
+                f"the state holds only rank {rank} of {world}'s progress, this dataset is rank "
+                f"{self.rank} of {self.world_size}; merge all ranks' states with "
+                "CacheDataset.merge_states to resume with another world size"
+            )
+        self._first_open, self._done, self._consumed = _progress(state)
+        self._latest = max([self._first_open - 1, *self._done, *self._consumed])
+        self._left = {}
+        self._prune()
+
+    @staticmethod
+    def merge_states(states: Iterable[dict[str, Any]]) -> dict[str, Any]:
+        """One state from the states of all ranks of a run (for a DDP checkpoint)."""
+        states = list(states)
+        if not states:
+            raise ConfigError("merge_states needs at least one state")
+        for state in states:
+            _check_state(state, states[0]["settings"])
+        coverage = {tuple(s["coverage"]) for s in states}
+        if not any({r for r, w2 in coverage if w2 == w} == set(range(w)) for _, w in coverage):
+            raise ConfigError(f"the states cover {sorted(coverage)} (rank, world size): not all ranks")
+        windows = states[0]["windows_per_epoch"]
+        first = min(s["first_open_epoch"] for s in states)
+        done: dict[int, set[int]] = {}
+        consumed: dict[int, dict[int, int]] = {}
+        for state in states:
+            rank, world = state["coverage"]
+            own_first, own_done, own_consumed = _progress(state)
+            for epoch in range(first, own_first):  # complete for this state's windows
+                done.setdefault(epoch, set()).update(range(rank, windows, world))
+            for epoch, finished in own_done.items():
+                done.setdefault(epoch, set()).update(finished)
+            for epoch, counts in own_consumed.items():
+                slot = consumed.setdefault(epoch, {})
+                for window, n in counts.items():
+                    slot[window] = max(slot.get(window, 0), n)
+        for epoch, counts in consumed.items():
+            for window in done.get(epoch, set()) & set(counts):
+                del counts[window]
+        while windows and len(done.get(first, ())) == windows:
+            done.pop(first)
+            consumed.pop(first, None)
+            first += 1
+        return _state(states[0]["settings"], windows, [0, 1], first, done, consumed)
+
+
+# ---------------------------------------------------------------------- helpers
+
+
+def _resolve_rank(rank: int | None, world_size: int | None) -> tuple[int, int]:
+    if rank is None or world_size is None:
+        import torch.distributed as dist
+
+        running = dist.is_available() and dist.is_initialized()
+        rank = rank if rank is not None else (dist.get_rank() if running else 0)
+        world_size = world_size if world_size is not None else (dist.get_world_size() if running else 1)
+    return rank, world_size
+
+
+def _records(block: RecordBlock, layout: RecordLayout, rows: np.ndarray, start: int,
+             where: tuple[int, int]) -> Iterator[CachedRecord]:
+    """The records ``rows[start:]`` of ``block``; every column is decoded once, up front."""
+    tok = block.token_offsets - block.token_offsets[0]
+    lab = block.label_offsets
+    ids = block.input_ids.astype(np.int64)
+    context = (block.context_length.astype(np.int64) if layout.is_token_level
+               else np.zeros(block.num_records, np.int64))
+    topk_ids = topk_lp = s_off = s_ids = s_counts = entropy = class_lp = labels = None
+    if layout.has_topk:
+        topk_ids = block.topk_ids.astype(np.int64)
+        topk_lp = block.decoded_topk_logprobs(layout).astype(np.float32, copy=False)
+    if layout.has_samples:
+        s_off = block.sample_offsets - block.sample_offsets[0]
+        s_ids, s_counts = block.sample_ids.astype(np.int64), block.sample_counts.astype(np.int64)
+    if block.entropy is not None:
+        entropy = block.entropy.astype(np.float32)
+    if block.class_logprobs is not None:
+        class_lp = block.decoded_class_logprobs(layout).astype(np.float32, copy=False)
+        labels = block.label.astype(np.int64)
+    record_ids, langs = block.record_id.tolist(), block.lang.tolist()
+    for index in range(start, len(rows)):
+        r = int(rows[index])
+        p0, p1 = int(lab[r]), int(lab[r + 1])
+        yield CachedRecord(
+            record_id=record_ids[r], lang=str(langs[r]), input_ids=ids[tok[r]:tok[r + 1]],
+            context_length=int(context[r]),
+            topk_ids=None if topk_ids is None else topk_ids[p0:p1],
+            topk_logprobs=None if topk_lp is None else topk_lp[p0:p1],
+            sample_offsets=None if s_off is None else s_off[p0:p1 + 1] - s_off[p0],
+            sample_ids=None if s_ids is None else s_ids[s_off[p0]:s_off[p1]],
+            sample_counts=None if s_counts is None else s_counts[s_off[p0]:s_off[p1]],
+            entropy=None if entropy is None else entropy[p0:p1],
+            class_logprobs=None if class_lp is None else class_lp[r],
+            label=-1 if labels is None else int(labels[r]),
+            cursor=(*where, index, len(rows)),
+        )
+
+
+def _to_ranges(values: set[int]) -> list[list[int]]:
+    ranges: list[list[int]] = []
+    for value in sorted(values):
+        if ranges and ranges[-1][1] == value:
+            ranges[-1][1] = value + 1
+        else:
+            ranges.append([value, value + 1])
+    return ranges
+
+
+def _state(settings: dict[str, Any], windows: int, coverage: list[int], first: int,
+           done: dict[int, set[int]], consumed: dict[int, dict[int, int]]) -> dict[str, Any]:
+    epochs = sorted(e for e in set(done) | set(consumed) if e >= first)
+    open_epochs = {str(e): {"done": _to_ranges(done.get(e, set())),  # [start, stop) ranges
+                            "consumed": {str(g): n for g, n in sorted(consumed.get(e, {}).items())}}
+                   for e in epochs}
+    # coverage [rank, world]: the progress is that of the windows g with g % world == rank
+    return {"format": _STATE_FORMAT, "settings": dict(settings), "windows_per_epoch": windows,
+            "coverage": list(coverage), "first_open_epoch": first, "open_epochs": open_epochs}
+
+
+def _progress(state: dict[str, Any]) -> tuple[int, dict[int, set[int]], dict[int, dict[int, int]]]:
+    epochs = state["open_epochs"].items()
+    done = {int(e): {g for a, b in ep["done"] for g in range(a, b)} for e, ep in epochs}
+    consumed = {int(e): {int(g): int(n) for g, n in ep["consumed"].items()} for e, ep in epochs}
+    return int(state["first_open_epoch"]), done, consumed
+
+
+def _check_state(state: dict[str, Any], settings: dict[str, Any]) -> None:
+    if not isinstance(state, dict) or state.get("format") != _STATE_FORMAT:
+        raise ConfigError(f"not a CacheDataset state (expected format {_STATE_FORMAT!r})")
+    saved = state["settings"]
+    differences = [f"{key}: state {saved.get(key)!r}, dataset {value!r}"
+                   for key, value in settings.items() if saved.get(key) != value]
+    if differences:
+        raise ConfigError("the state was saved for another data order; settings that differ:\n  "
+                          + "\n  ".join(differences))

@@ -1,0 +1,194 @@
+"""One student's training state and its step on a batch: loss, accumulation, optimizer, schedule.
+
+Stage two feeds every batch it reads to every student; each student keeps its own
+:class:`StudentRun`: AdamW, a learning-rate schedule (linear warmup, then cosine or linear
+decay to 10% of the peak, or constant), gradient accumulation over ``grad_accum``
+batches, and counters. A run's whole state (model aside, which is saved with
+``save_pretrained``) round-trips through :meth:`StudentRun.state_dict`, including gradients
+accumulated from a batch in the middle of an accumulation, so a resumed run takes exactly
+the steps an uninterrupted one would.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from logitcache.config import OptimizerConfig
+from logitcache.pipeline.collate import SequenceBatch, TokenBatch, pad_sequences
+from logitcache.pipeline.losses import (
+    LossOutput,
+    SparseTargets,
+    distillation_loss,
+    sequence_distillation_loss,
+)
+from logitcache.pipeline.students import Student
+
+#: Fraction of the peak learning rate that the cosine and linear schedules decay to.
+FINAL_LR_FRACTION = 0.1
+
+
+def lr_factor(step: int, *, cfg: OptimizerConfig, total_steps: int) -> float:
+    """Multiplier of the peak learning rate at optimizer step ``step`` (0-based)."""
+    if cfg.warmup_steps and step < cfg.warmup_steps:
+        return (step + 1) / cfg.warmup_steps
+    if cfg.schedule == "constant":
+        return 1.0
+    span = max(1, total_steps - cfg.warmup_steps)
+    progress = min(1.0, (step - cfg.warmup_steps) / span)
+    if cfg.schedule == "linear":
+        shape = 1.0 - progress
+    else:
+        shape = 0.5 * (1.0 + math.cos(math.pi * progress))
+    return FINAL_LR_FRACTION + (1.0 - FINAL_LR_FRACTION) * shape
+
+
+def make_optimizer(model: torch.nn.Module, cfg: OptimizerConfig) -> torch.optim.Optimizer:
+    """AdamW; biases and norm weights (1-D parameters) get no weight decay."""
+    decay = [p for p in model.parameters() if p.requires_grad and p.ndim >= 2]
+    no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim < 2]
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas))
+
+
+def token_batch_loss(student: Student, batch: TokenBatch) -> LossOutput:
+    """The student's loss on a packed batch: hidden states for all slots, then the chunked
+    head + divergence on the labelled positions only."""
+    with student.autocast():
+        hidden = student.hidden_states(batch.input_ids, batch.position_ids)
+        mask = batch.label_mask
+        targets = SparseTargets(
+            topk_ids=None if batch.topk_ids is None else batch.topk_ids[mask],
+            topk_logprobs=None if batch.topk_logprobs is None else batch.topk_logprobs[mask],
+            sample_ids=None if batch.sample_ids is None else batch.sample_ids[mask],
+            sample_counts=None if batch.sample_counts is None else batch.sample_counts[mask],
+            kind=student_cache_kind(batch),
+        )
+        return distillation_loss(hidden[mask], student.head, targets, batch.hard_targets[mask],
+                                 cfg=student.cfg.loss, vocab_size=student.target_width)
+
+
+def student_cache_kind(batch: TokenBatch) -> str:
+    if batch.topk_ids is not None and batch.sample_ids is not None:
+        return "token_topk_sampled"
+    return "token_topk" if batch.topk_ids is not None else "token_sampled"
+
+
+@dataclass(kw_only=True)
+class StudentTexts:
+    """A classification student's own tokenization of its text column, by record id."""
+
+    ids_by_record: dict[int, np.ndarray]
+    missing: int = 0  # cached records met in batches that had no text in the column
+
+    def inputs(self, batch: SequenceBatch, *, pad_id: int) -> tuple[Tensor, Tensor, Tensor]:
+        """(input_ids, attention_mask, rows kept) for the batch's records that have a text."""
+        rows = [i for i, rid in enumerate(batch.record_ids.tolist()) if int(rid) in self.ids_by_record]
+        self.missing += len(batch.record_ids) - len(rows)
+        ids, mask = pad_sequences([self.ids_by_record[int(batch.record_ids[i])] for i in rows] or [[pad_id]],
+                                  pad_id=pad_id)
+        return ids, mask, torch.tensor(rows, dtype=torch.int64)
+
+
+def sequence_batch_loss(student: Student, batch: SequenceBatch, texts: StudentTexts | None) -> LossOutput | None:
+    """The student's loss on a classification batch (None when none of its records has a text)."""
+    teacher, labels = batch.class_logprobs, batch.labels
+    if texts is None:
+        input_ids, attention_mask = batch.input_ids, batch.attention_mask
+    else:
+        input_ids, attention_mask, rows = texts.inputs(batch, pad_id=student.pad_token_id)
+        if rows.numel() == 0:
+            return None
+        rows = rows.to(teacher.device)
+        input_ids, attention_mask = input_ids.to(student.device), attention_mask.to(student.device)
+        teacher, labels = teacher[rows], labels[rows]
+    with student.autocast():
+        logits = student.class_logits(input_ids, attention_mask)
+    return sequence_distillation_loss(logits.float(), teacher, labels, cfg=student.cfg.loss)
+
+
+@dataclass(kw_only=True)
+class StudentRun:
+    """Training state of one student across batches."""
+
+    student: Student
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    total_steps: int
+    texts: StudentTexts | None = None
+    step: int = 0  # optimizer steps taken
+    micro: int = 0  # batches accumulated since the last step
+    tokens: int = 0  # tokens read by this student
+    seconds: float = 0.0  # time spent in this student's forward/backward/step
+    window: dict[str, float] = field(default_factory=dict)  # sums over the current accumulation
+
+    @classmethod
+    def create(cls, student: Student, *, total_steps: int, texts: StudentTexts | None = None) -> StudentRun:
+        optimizer = make_optimizer(student.model, student.cfg.optimizer)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda s: lr_factor(s, cfg=student.cfg.optimizer, total_steps=total_steps))
+        return cls(student=student, optimizer=optimizer, scheduler=scheduler, total_steps=total_steps, texts=texts)
+
+    @property
+    def done(self) -> bool:
+        return self.step >= self.total_steps
+
+    def train_on(self, batch: TokenBatch | SequenceBatch) -> dict[str, float] | None:
+        """Forward and backward on one batch; returns the step's log row when an optimizer step
+        was taken, else None."""
+        start = time.perf_counter()
+        student = self.student
+        if isinstance(batch, TokenBatch):
+            out = token_batch_loss(student, batch)
+        else:
+            out = sequence_batch_loss(student, batch, self.texts)
+        accum = student.cfg.grad_accum
+        if out is not None:
+            (out.total / accum).backward()
+            for name, value in (("loss", out.total), ("kd", out.kd), ("ce", out.ce)):
+                self.window[name] = self.window.get(name, 0.0) + float(value.detach())
+            self.window["batches"] = self.window.get("batches", 0.0) + 1
+            self.window["positions"] = self.window.get("positions", 0.0) + out.kd_positions
+        self.tokens += batch.tokens
+        self.micro += 1
+        row = None
+        if self.micro == accum:
+            torch.nn.utils.clip_grad_norm_(student.model.parameters(), 1.0)
+            lr = self.optimizer.param_groups[0]["lr"]
+            self.optimizer.step()
+            self.scheduler.step()
+            self.optimizer.zero_grad(set_to_none=True)
+            self.step += 1
+            self.micro = 0
+            batches = max(1.0, self.window.pop("batches", 0.0))
+            row = {"step": self.step, **{k: self.window[k] / batches for k in ("loss", "kd", "ce") if k in self.window},
+                   "lr": lr, "tokens": self.tokens, "positions": int(self.window.get("positions", 0))}
+            self.window = {}
+        self.seconds += time.perf_counter() - start
+        if row is not None:
+            row["seconds"] = round(self.seconds, 3)
+        return row
+
+    def state_dict(self) -> dict[str, Any]:
+        grads = None
+        if self.micro:
+            grads = [None if p.grad is None else p.grad.detach().cpu().clone() for p in self.student.model.parameters()]
+        return {"step": self.step, "micro": self.micro, "tokens": self.tokens, "seconds": self.seconds,
+                "window": dict(self.window), "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict(), "pending_grads": grads}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.step, self.micro, self.tokens = state["step"], state["micro"], state["tokens"]
+        self.seconds, self.window = state["seconds"], dict(state["window"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        grads = state.get("pending_grads")
+        if grads is not None:
+            for param, grad in zip(self.student.model.parameters(), grads, strict=True):
+                param.grad = None if grad is None else grad.to(param.device)

@@ -1,0 +1,225 @@
+"""Stage two: train every configured student from the cache, reading each batch once.
+
+The recipe, top to bottom:
+
+1. open the cache (its manifest says what the records hold) and check every student's loss
+   against the cache kind, before anything heavy happens;
+2. build or load each student and check that it can read this cache (same vocabulary, or
+   its own text column for classification caches);
+3. stream the cache's training split (everything but the held-out records) through a
+   ``CacheDataset`` in a DataLoader; each batch is decoded once, moved to the device once
+   and fed to every student still training; every student has its own optimizer, schedule,
+   gradient accumulation and JSONL log (``<output>/<student>/metrics.jsonl``);
+4. every ``save_every`` batches (and at the end) save a checkpoint of all students and the
+   reader's position; a later run with the same config resumes from the newest one exactly;
+5. evaluate on the held-out split every ``eval_every`` steps and at the end, save each
+   final model to ``<output>/<student>/final`` and write the report.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from logitcache.config import JobConfig
+from logitcache.errors import ConfigError, StudentError
+from logitcache.pipeline.checkpoints import CheckpointStore, check_resumable, restore_rng
+from logitcache.pipeline.collate import PackedBatches, SequencePacker, TokenPacker, rows_for
+from logitcache.pipeline.corpus import paired_texts
+from logitcache.pipeline.dataset import CacheDataset
+from logitcache.pipeline.losses import check_loss_supported
+from logitcache.pipeline.students import Student, build_student, config_digest
+from logitcache.pipeline.teacher import resolve_device
+from logitcache.pipeline.training import StudentRun, StudentTexts
+from logitcache.pipeline.windows import record_id_for, tokenize
+from logitcache.stages.evaluate import evaluate_students, write_students_report
+from logitcache.storage_schemas.shard_reader import CacheReader
+
+
+@dataclass(kw_only=True)
+class TrainSummary:
+    output: str
+    batches: int = 0
+    resumed_from: int | None = None
+    seconds: float = 0.0
+    students: dict[str, dict[str, Any]] = field(default_factory=dict)  # name -> steps, tokens, eval
+    report: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"output": self.output, "batches": self.batches, "resumed_from": self.resumed_from,
+                "seconds": round(self.seconds, 2), "students": self.students, "report": self.report}
+
+    def format(self) -> str:
+        lines = [f"trained {len(self.students)} student(s) over {self.batches} batches in {self.seconds:.1f} s"
+                 + (f" (resumed from batch {self.resumed_from})" if self.resumed_from else "")]
+        for name, info in self.students.items():
+            ev = (info.get("eval") or {}).get("all") or {}
+            shown = ", ".join(f"{k} {ev[k]:.4g}" for k in ("ce", "kl", "top1", "accuracy", "macro_f1")
+                              if isinstance(ev.get(k), (int, float)))
+            lines.append(f"  {name}: {info['steps']} steps, {info['tokens']:,} tokens"
+                         + (f"; held-out {shown}" if shown else ""))
+        if self.report:
+            lines.append(f"report: {self.report}")
+        return "\n".join(lines)
+
+
+def train_students(cfg: JobConfig, *, resume: bool = True, progress: bool = True) -> TrainSummary:
+    """Train ``cfg.students`` from ``cfg.cache``; see the module docstring for the steps."""
+    cfg.require_train_sections()
+    started = time.perf_counter()
+    train = cfg.train
+    output = Path(train.output)
+
+    # 1. the cache, and what each student's loss needs from it
+    reader = CacheReader(cfg.cache)
+    manifest = reader.manifest
+    if not manifest.shards:
+        raise ConfigError(f"cache: {cfg.cache} has no committed shards yet; run `logitcache build` first")
+    for index, student_cfg in enumerate(cfg.students):
+        try:
+            check_loss_supported(student_cfg.loss, manifest.kind)
+        except ConfigError as error:
+            raise ConfigError(f"students[{index}].loss: {error}") from None
+
+    # 2. the students
+    device = resolve_device(train.device)
+    students = [build_student(s, manifest=manifest, device=device, seed=train.seed) for s in cfg.students]
+    texts = {s.name: own_texts(cfg, s) for s in students if s.reads_text}
+    runs = {s.name: StudentRun.create(s, total_steps=train.steps, texts=texts.get(s.name)) for s in students}
+    digests = {s.name: config_digest(s.cfg) for s in students}
+
+    # 3. the reader, resumed where the newest checkpoint stopped
+    dataset = CacheDataset(cfg.cache, seed=train.seed, epochs=None, shuffle_buffer=train.shuffle_buffer,
+                           split="train", held_out_fraction=cfg.eval.held_out_fraction,
+                           languages=train.languages, lang_alpha=train.lang_alpha)
+    store = CheckpointStore(output)
+    summary = TrainSummary(output=str(output))
+    batches = 0
+    checkpoint = store.latest() if resume else None
+    if checkpoint is not None:
+        check_resumable(checkpoint, digests=digests)
+        for name, run in runs.items():
+            run.student.model.load_state_dict(_saved_model(checkpoint.student_dir(name), run.student).state_dict())
+            run.load_state_dict(checkpoint.run_state(name))
+        dataset.load_state_dict(checkpoint.trainer["dataset"])
+        restore_rng(checkpoint.trainer)
+        batches = summary.resumed_from = checkpoint.batches
+    elif not resume and output.exists():
+        for name in runs:
+            (output / name / "metrics.jsonl").unlink(missing_ok=True)
+
+    if dataset.records_per_epoch() == 0:
+        raise StudentError("the training split of the cache is empty (every record is held out or filtered "
+                           "out by train.languages); lower eval.held_out_fraction or widen the filter")
+    loader = torch.utils.data.DataLoader(
+        PackedBatches(dataset, _packer(cfg, manifest, students)), batch_size=None,
+        num_workers=train.num_workers, pin_memory=device.type == "cuda",
+        persistent_workers=train.num_workers > 0)
+    logs = {name: _open_log(output / name) for name in runs}
+    bars = {name: tqdm(total=train.steps, initial=run.step, desc=name, unit="step", position=i,
+                       disable=not progress, dynamic_ncols=True) for i, (name, run) in enumerate(runs.items())}
+
+    def save() -> None:
+        trainer = {"dataset": dataset.state_dict(),
+                   "students": {n: {"config_digest": digests[n], "step": r.step} for n, r in runs.items()}}
+        store.save(batches=batches, trainer=trainer, runs={n: (r.student, r) for n, r in runs.items()})
+
+    try:
+        for batch in loader:
+            dataset.observe(batch.cursors)
+            batch = batch.to(device, non_blocking=True)
+            batches += 1
+            for name, run in runs.items():
+                if run.done:
+                    continue
+                row = run.train_on(batch)
+                if row is None:
+                    continue
+                _log(logs[name], row)
+                bars[name].update(1)
+                bars[name].set_postfix_str(f"loss {row['loss']:.4f}" if "loss" in row else "")
+                if train.eval_every and run.step % train.eval_every == 0 and not run.done:
+                    _evaluate_into(cfg, {name: run.student}, logs, steps={name: run.step}, texts=texts)
+            if train.save_every and batches % train.save_every == 0:
+                save()
+            if all(run.done for run in runs.values()):
+                break
+    finally:
+        for bar in bars.values():
+            bar.close()
+    save()
+
+    # 5. final models, evaluation, report
+    finals = {}
+    for name, run in runs.items():
+        final = output / name / "final"
+        run.student.save(final)
+        finals[name] = run.student
+    evaluation = _evaluate_into(cfg, finals, logs, steps={n: r.step for n, r in runs.items()}, texts=texts)
+    for log in logs.values():
+        log.close()
+    for name, run in runs.items():
+        summary.students[name] = {"steps": run.step, "tokens": run.tokens, "seconds": round(run.seconds, 2),
+                                  "final": str(output / name / "final"), "eval": evaluation.get(name)}
+        if run.texts is not None and run.texts.missing:
+            summary.students[name]["records_without_text"] = run.texts.missing
+    summary.batches = batches
+    summary.report = str(write_students_report(cfg, finals, evaluation))
+    summary.seconds = time.perf_counter() - started
+    (output / "train_summary.json").write_text(json.dumps(summary.to_dict(), indent=2, default=str), encoding="utf-8")
+    return summary
+
+
+def own_texts(cfg: JobConfig, student: Student) -> StudentTexts:
+    """A classification student's tokenization of its text column, keyed by cached record id."""
+    if cfg.corpus is None:
+        raise ConfigError(f"students[{student.name}].text_column: needs the corpus section, to read the column from")
+    texts = paired_texts(cfg.corpus, student.cfg.text_column, owner=f"students[{student.name}].text_column")
+    keys = list(texts)
+    encoded = tokenize(student.tokenizer, [texts[k] for k in keys])
+    limit = cfg.windows.max_length
+    return StudentTexts(ids_by_record={record_id_for(key, 0): np.asarray(ids[:limit], dtype=np.int64)
+                                       for key, ids in zip(keys, encoded, strict=True)})
+
+
+def _packer(cfg: JobConfig, manifest, students: list[Student]) -> TokenPacker | SequencePacker:
+    layout = manifest.layout
+    length = int(manifest.windows.get("max_length") or cfg.windows.max_length)
+    rows = rows_for(cfg.train.batch_tokens, length)
+    pad_ids = {s.pad_token_id for s in students if not s.reads_text}
+    pad_id = min(pad_ids) if pad_ids else 0
+    if layout.is_token_level:
+        return TokenPacker(layout, rows=rows, length=length, pad_id=pad_id)
+    return SequencePacker(layout, rows=rows, pad_id=pad_id)
+
+
+def _saved_model(directory: Path, student: Student):
+    return type(student.model).from_pretrained(directory).to(student.device)
+
+
+def _open_log(directory: Path):
+    directory.mkdir(parents=True, exist_ok=True)
+    return open(directory / "metrics.jsonl", "a", encoding="utf-8")
+
+
+def _log(stream, row: dict[str, Any]) -> None:
+    stream.write(json.dumps({k: (round(v, 6) if isinstance(v, float) else v) for k, v in row.items()}) + "\n")
+    stream.flush()
+
+
+def _evaluate_into(cfg: JobConfig, students: dict[str, Student], logs, *, steps: dict[str, int],
+                   texts: dict[str, StudentTexts]) -> dict[str, Any]:
+    results = evaluate_students(cfg, students, texts=texts, progress=False)
+    for name, result in results.items():
+        overall = result["metrics"].get("all") or {}
+        row: dict[str, Any] = {"step": steps[name]}
+        row.update({f"eval_{k}": v for k, v in overall.items() if isinstance(v, (int, float))})
+        _log(logs[name], row)
+    return results

@@ -1,0 +1,102 @@
+"""Packing records into fixed-shape batches: slots, targets, labels, order."""
+
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+
+from logitcache.pipeline.collate import IGNORE_INDEX, SequencePacker, TokenPacker, pad_sequences
+from tests.factories import make_layout
+
+
+def record(index: int, n: int, *, context: int = 0, k: int = 3, samples: int = 0, rng=None):
+    rng = rng or np.random.default_rng(index)
+    labelled = n - context
+    rec = SimpleNamespace(
+        record_id=1000 + index, lang=["en", "de"][index % 2], cursor=(0, 0, index, 99),
+        input_ids=np.arange(n, dtype=np.int64) + 10 * index, context_length=context,
+        topk_ids=rng.integers(0, 50, size=(labelled, k)), topk_logprobs=-rng.random((labelled, k)).astype(np.float32),
+        sample_offsets=None, sample_ids=None, sample_counts=None, class_logprobs=None, label=-1,
+    )
+    if samples:
+        per = rng.integers(1, samples + 1, size=labelled)
+        rec.sample_offsets = np.concatenate([[0], np.cumsum(per)])
+        rec.sample_ids = rng.integers(0, 50, size=int(per.sum()))
+        rec.sample_counts = rng.integers(1, 5, size=int(per.sum()))
+    return rec
+
+
+def test_records_are_packed_in_order_with_restarting_positions():
+    layout = make_layout("token_topk", k=3, vocab_size=50)
+    records = [record(0, 5), record(1, 4, context=2), record(2, 7), record(3, 3)]
+    batches = list(TokenPacker(layout, rows=2, length=10).pack(records))
+    # row 0: records 0 (5) + 1 (4) = 9 slots; record 2 (7) opens row 1; record 3 (3) fits after it
+    assert len(batches) == 1
+    batch = batches[0]
+    assert batch.input_ids.shape == (2, 10) and batch.topk_ids.shape == (2, 10, 3)
+    assert batch.position_ids[0].tolist() == [0, 1, 2, 3, 4, 0, 1, 2, 3, 0]
+    assert batch.position_ids[1].tolist() == [0, 1, 2, 3, 4, 5, 6, 0, 1, 2]
+    assert batch.segment[0].tolist() == [0] * 5 + [1] * 4 + [-1]
+    assert batch.segment[1].tolist() == [2] * 7 + [3] * 3
+    # record 1 has 2 context tokens: labels only on its last two slots
+    assert batch.label_mask[0].tolist() == [True] * 5 + [False, False, True, True, False]
+    assert batch.hard_targets[0, :5].tolist() == [1, 2, 3, 4, IGNORE_INDEX]
+    assert batch.hard_targets[0, 5:].tolist() == [IGNORE_INDEX, IGNORE_INDEX, 13, IGNORE_INDEX, IGNORE_INDEX]
+    assert torch.equal(batch.topk_ids[0, 7:9], torch.from_numpy(records[1].topk_ids))
+    assert torch.isinf(batch.topk_logprobs[0, 9]).all()
+    assert batch.tokens == 19 and batch.langs == ["en", "de", "en", "de"]
+    assert [c[2] for c in batch.cursors] == [0, 1, 2, 3]
+    assert batch.position_langs().tolist() == ["en"] * 5 + ["de"] * 2 + ["en"] * 7 + ["de"] * 3
+
+
+def test_batches_split_where_rows_run_out_and_keep_every_record_once():
+    layout = make_layout("token_topk", k=3, vocab_size=50)
+    rng = np.random.default_rng(0)
+    records = [record(i, int(rng.integers(1, 9)), rng=rng) for i in range(40)]
+    batches = list(TokenPacker(layout, rows=3, length=8).pack(records))
+    seen = [rid for b in batches for rid in b.record_ids.tolist()]
+    assert seen == [r.record_id for r in records]
+    for b in batches:
+        assert b.input_ids.shape == (3, 8)
+        assert int((b.segment >= 0).sum()) == b.tokens
+
+
+def test_sampled_draws_are_spread_into_fixed_slots():
+    layout = make_layout("token_sampled", samples=4, vocab_size=50)
+    rec = record(0, 6, context=1, samples=4)
+    batch = TokenPacker(layout, rows=1, length=8).collate([rec])
+    assert batch.topk_ids is None and batch.sample_ids.shape == (1, 8, 4)
+    for p in range(5):
+        a, b = rec.sample_offsets[p], rec.sample_offsets[p + 1]
+        assert batch.sample_ids[0, 1 + p, : b - a].tolist() == rec.sample_ids[a:b].tolist()
+        assert batch.sample_counts[0, 1 + p, : b - a].tolist() == rec.sample_counts[a:b].tolist()
+        assert batch.sample_counts[0, 1 + p, b - a:].sum() == 0
+    assert batch.sample_counts[0, 0].sum() == 0  # context slot
+
+
+def test_a_record_longer_than_the_batch_length_is_an_error():
+    layout = make_layout("token_topk", k=3, vocab_size=50)
+    with pytest.raises(ValueError, match="more than the batch length"):
+        list(TokenPacker(layout, rows=2, length=4).pack([record(0, 5)]))
+
+
+def test_sequence_batches_pad_one_record_per_row():
+    layout = make_layout("sequence_probs", num_classes=3, vocab_size=50)
+    records = [SimpleNamespace(record_id=i, lang="en", cursor=(0, 0, i, 3), input_ids=np.arange(n) + 1,
+                               class_logprobs=np.log(np.full(3, 1 / 3, dtype=np.float32)), label=i - 1)
+               for i, n in enumerate([3, 5, 2])]
+    (batch,) = list(SequencePacker(layout, rows=4, pad_id=0).pack(records))
+    assert batch.input_ids.shape == (3, 5)
+    assert batch.attention_mask.sum(1).tolist() == [3, 5, 2]
+    assert batch.labels.tolist() == [-1, 0, 1]
+    assert batch.tokens == 10
+
+
+def test_pad_sequences_and_pinning_roundtrip():
+    ids, mask = pad_sequences([[1, 2], [3]], pad_id=9)
+    assert ids.tolist() == [[1, 2], [3, 9]] and mask.tolist() == [[1, 1], [1, 0]]
+    layout = make_layout("token_topk", k=3, vocab_size=50)
+    batch = TokenPacker(layout, rows=1, length=6).collate([record(0, 4)])
+    moved = batch.to("cpu")
+    assert torch.equal(moved.input_ids, batch.input_ids) and moved.record_ids is batch.record_ids

@@ -1,0 +1,213 @@
+"""Stage two end to end: tiny caches built by stage one, tiny students trained from them."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from click.testing import CliRunner
+
+from logitcache.cli import main
+from logitcache.config import config_from_dict
+from logitcache.errors import ConfigError, StudentError
+from logitcache.stages.build_cache import build_cache
+from logitcache.stages.train_students import train_students
+from logitcache.storage_schemas.shard_reader import CacheReader
+from tests import fixtures_models
+
+STUDENT = {"model_type": "llama", "hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 4,
+           "num_key_value_heads": 2, "intermediate_size": 64, "max_position_embeddings": 128}
+
+
+def job_data(cache, corpus_dir, teacher_model, output, **sections):
+    data = {
+        "cache": str(cache),
+        "corpus": {"data_files": [str(Path(corpus_dir) / "*.jsonl")], "lang_column": "lang", "id_column": "id",
+                   "unit_documents": 10},
+        "teacher": {"model": str(teacher_model), "batch_tokens": 400},
+        "windows": {"max_length": 48},
+        "soft_labels": {"k": 8, "values": "float16"},
+        "storage": {"row_group_tokens": 200},
+        "students": [
+            {"name": "fkl", "model": {"config": STUDENT},
+             "loss": {"kind": "forward_kl", "alpha": 0.7, "chunk_tokens": 64}, "optimizer": {"lr": 3e-3}},
+            {"name": "rkl", "model": {"config": STUDENT}, "grad_accum": 2,
+             "loss": {"kind": "reverse_kl", "temperature": 2.0, "tail": "renormalize"}, "optimizer": {"lr": 3e-3}},
+        ],
+        "train": {"steps": 8, "batch_tokens": 192, "output": str(output), "seed": 1, "shuffle_buffer": 64},
+        "eval": {"held_out_fraction": 0.2},
+    }
+    for name, values in sections.items():
+        data[name] = values if isinstance(values, list) else {**data.get(name, {}), **values}
+    return data
+
+
+@pytest.fixture(scope="module")
+def topk_cache(tmp_path_factory, corpus_dir, tiny_causal_lm_dir):
+    root = tmp_path_factory.mktemp("topk")
+    cfg = config_from_dict(job_data(root / "cache", corpus_dir, tiny_causal_lm_dir, root / "unused"))
+    build_cache(cfg, progress=False)
+    return root / "cache"
+
+
+def test_many_students_train_in_one_pass_and_are_evaluated(tmp_path, topk_cache, corpus_dir, tiny_causal_lm_dir):
+    cfg = config_from_dict(job_data(topk_cache, corpus_dir, tiny_causal_lm_dir, tmp_path / "out"))
+    summary = train_students(cfg, progress=False)
+    out = tmp_path / "out"
+    assert summary.students["fkl"]["steps"] == 8 and summary.students["rkl"]["steps"] == 8
+    # rkl accumulates 2 batches per step, so it read twice the tokens fkl read
+    assert summary.students["rkl"]["tokens"] > 1.5 * summary.students["fkl"]["tokens"]
+    for name in ("fkl", "rkl"):
+        rows = [json.loads(line) for line in (out / name / "metrics.jsonl").read_text().splitlines()]
+        train_rows = [r for r in rows if "loss" in r]
+        assert [r["step"] for r in train_rows] == list(range(1, 9))
+        assert all(torch.isfinite(torch.tensor(r["loss"])) for r in train_rows)
+        assert any("eval_ce" in r for r in rows)
+        assert (out / name / "final" / "config.json").is_file()
+        result = json.loads((out / name / "eval.json").read_text())
+        langs = set(result["metrics"]) - {"all"}
+        assert langs and langs <= {"en", "de", "es", "ru", "zh", "ar", "hi"}
+        overall = result["metrics"]["all"]
+        assert overall["positions"] > 0 and overall["ce"] > 0 and overall["kl"] >= 0 and 0 <= overall["top1"] <= 1
+    report = Path(summary.report)
+    text = report.read_text()
+    assert "fkl" in text and "rkl" in text and "held-out" in text
+    assert (report.parent / "loss_curves.png").is_file() and (report.parent / "per_language.png").is_file()
+
+
+def test_kd_loss_goes_down(tmp_path, topk_cache, corpus_dir, tiny_causal_lm_dir):
+    data = job_data(topk_cache, corpus_dir, tiny_causal_lm_dir, tmp_path / "out",
+                    train={"steps": 40, "eval_every": 0})
+    data["students"] = data["students"][:1]
+    data["students"][0]["loss"]["alpha"] = 1.0
+    train_students(config_from_dict(data), progress=False)
+    rows = [json.loads(line) for line in (tmp_path / "out" / "fkl" / "metrics.jsonl").read_text().splitlines()]
+    kd = [r["kd"] for r in rows if "kd" in r]
+    assert sum(kd[-5:]) / 5 < 0.8 * sum(kd[:5]) / 5
+
+
+def final_weights(output: Path, name: str) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(output / name / "final" / "model.safetensors")
+
+
+def test_an_interrupted_run_resumes_exactly(tmp_path, topk_cache, corpus_dir, tiny_causal_lm_dir, monkeypatch):
+    straight = config_from_dict(job_data(topk_cache, corpus_dir, tiny_causal_lm_dir, tmp_path / "a",
+                                         train={"save_every": 3}))
+    train_students(straight, progress=False)
+
+    resumed = config_from_dict(job_data(topk_cache, corpus_dir, tiny_causal_lm_dir, tmp_path / "b",
+                                        train={"save_every": 3}))
+    from logitcache.pipeline import training
+
+    calls = {"n": 0}
+    original = training.StudentRun.train_on
+
+    def dying(self, batch):
+        calls["n"] += 1
+        if calls["n"] == 15:  # the 8th batch: checkpoints were saved after batches 3 and 6
+            raise KeyboardInterrupt
+        return original(self, batch)
+
+    monkeypatch.setattr(training.StudentRun, "train_on", dying)
+    with pytest.raises(KeyboardInterrupt):
+        train_students(resumed, progress=False)
+    monkeypatch.setattr(training.StudentRun, "train_on", original)
+    summary = train_students(resumed, progress=False)
+    assert summary.resumed_from == 6
+    for name in ("fkl", "rkl"):
+        a, b = final_weights(tmp_path / "a", name), final_weights(tmp_path / "b", name)
+        assert a.keys() == b.keys()
+        assert all(torch.equal(a[k], b[k]) for k in a), name
+
+
+def test_each_batch_is_read_once_for_all_students(tmp_path, topk_cache, corpus_dir, tiny_causal_lm_dir, monkeypatch):
+    reads = {"n": 0}
+    original = CacheReader.read_block
+
+    def counting(self, entry, index):
+        reads["n"] += 1
+        return original(self, entry, index)
+
+    monkeypatch.setattr(CacheReader, "read_block", counting)
+    counts = []
+    for students in (1, 2):
+        data = job_data(topk_cache, corpus_dir, tiny_causal_lm_dir, tmp_path / f"o{students}",
+                        train={"steps": 6}, eval={"held_out_fraction": 0.2})
+        data["students"] = [dict(data["students"][0], name=f"s{i}") for i in range(students)]
+        reads["n"] = 0
+        train_students(config_from_dict(data), progress=False)
+        counts.append(reads["n"])
+    assert counts[0] == counts[1] > 0
+
+
+def test_incompatible_students_are_refused_before_training(tmp_path, topk_cache, corpus_dir, tiny_causal_lm_dir):
+    other_tok = fixtures_models.build_tiny_tokenizer(tmp_path / "tok", vocab_size=300)
+    data = job_data(topk_cache, corpus_dir, tiny_causal_lm_dir, tmp_path / "out")
+    data["students"][1]["tokenizer"] = str(other_tok)
+    with pytest.raises(StudentError, match="not the one the cache was built with"):
+        train_students(config_from_dict(data), progress=False)
+    assert not (tmp_path / "out" / "fkl" / "metrics.jsonl").exists()
+
+
+def test_sampled_caches_take_only_their_estimator(tmp_path, corpus_dir, tiny_causal_lm_dir):
+    data = job_data(tmp_path / "cache", corpus_dir, tiny_causal_lm_dir, tmp_path / "out",
+                    soft_labels={"mode": "sampled", "samples": 16})
+    build_cache(config_from_dict(data), progress=False)
+    with pytest.raises(ConfigError, match=r"students\[1\]\.loss"):
+        train_students(config_from_dict(data), progress=False)
+    data["students"] = [data["students"][0]]
+    data["train"]["steps"] = 3
+    summary = train_students(config_from_dict(data), progress=False)
+    assert summary.students["fkl"]["steps"] == 3
+    assert (summary.students["fkl"]["eval"]["metrics"]["all"]["ce"] or 0) > 0
+
+
+def test_cli_train_then_eval(tmp_path, topk_cache, corpus_dir, tiny_causal_lm_dir):
+    data = job_data(topk_cache, corpus_dir, tiny_causal_lm_dir, tmp_path / "out", train={"steps": 3})
+    path = tmp_path / "job.yaml"
+    path.write_text(yaml.safe_dump(data))
+    runner = CliRunner()
+    result = runner.invoke(main, ["train", str(path), "--no-progress", "--json"])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.output)["students"]["fkl"]["steps"] == 3
+    result = runner.invoke(main, ["eval", str(path), "--no-progress", "--set", "eval.max_records=5"])
+    assert result.exit_code == 0, result.output
+    assert "fkl:" in result.output and "report:" in result.output
+    result = runner.invoke(main, ["train", str(path), "--set", "students.0.tokenizer=/nowhere"])
+    assert result.exit_code == 2 and "error:" in result.output
+
+
+def parallel_corpus(root: Path) -> Path:
+    """The tiny corpus plus a 'text_xx' column: the same documents, 'translated' (reversed words)."""
+    docs = []
+    for doc in fixtures_models.multilingual_texts():
+        docs.append({**doc, "text_xx": " ".join(reversed(doc["text"].split()))})
+    return fixtures_models.write_corpus(root, docs)
+
+
+def test_cross_lingual_classification_student_reads_its_own_column(tmp_path, tiny_classifier_dir):
+    corpus = parallel_corpus(tmp_path / "corpus")
+    student_tok = fixtures_models.build_tiny_tokenizer(
+        tmp_path / "student_tok", vocab_size=300,
+        texts=[" ".join(reversed(d["text"].split())) for d in fixtures_models.multilingual_texts()])
+    data = job_data(tmp_path / "cache", corpus, tiny_classifier_dir, tmp_path / "out",
+                    teacher={"model": str(tiny_classifier_dir), "task": "sequence_classification",
+                             "batch_tokens": 400},
+                    students=[
+                        {"name": "same", "model": {"config": STUDENT}, "loss": {"kind": "jsd", "alpha": 0.5}},
+                        {"name": "xx", "model": {"config": STUDENT}, "tokenizer": str(student_tok),
+                         "text_column": "text_xx", "loss": {"kind": "forward_kl", "alpha": 0.5}},
+                    ])
+    data["corpus"]["label_column"] = "label"
+    build_cache(config_from_dict(data), progress=False)
+    summary = train_students(config_from_dict(data), progress=False)
+    for name in ("same", "xx"):
+        overall = summary.students[name]["eval"]["metrics"]["all"]
+        assert overall["records"] > 0 and overall["labelled"] > 0
+        assert 0 <= overall["accuracy"] <= 1 and 0 <= overall["agreement"] <= 1
+    assert summary.students["xx"].get("records_without_text", 0) == 0
+    final = tmp_path / "out" / "xx" / "final"
+    assert (final / "tokenizer.json").is_file()  # the student's own tokenizer travels with it
