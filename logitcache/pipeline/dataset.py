@@ -51,6 +51,8 @@ from logitcache.storage_schemas.shard_reader import CacheReader
 Split = Literal["train", "eval", "all"]
 _STATE_FORMAT = "logitcache.CacheDataset/1"
 _SALT_BLOCKS, _SALT_RECORDS, _SALT_REPEATS = 0x0B10C, 0x2EC0D, 0x2E9EA7
+# an endless stream stops after this many epochs in a row gave this consumer nothing
+_MAX_EMPTY_EPOCHS = 4
 # rebuilt in each process rather than pickled into DataLoader workers
 _PER_PROCESS = ("_reader", "_pid", "_plans", "_verified", "_block_shard", "_block_index",
                 "_kept_in_shard")
@@ -254,7 +256,7 @@ class CacheDataset(IterableDataset):
         if first >= self._num_windows:
             return
         done, consumed = copy.deepcopy(self._done), copy.deepcopy(self._consumed)
-        epoch = self._first_open
+        epoch, empty_epochs = self._first_open, 0
         while self.epochs is None or epoch < self.epochs:
             order, nonempty = self._plan(epoch)
             yielded = 0
@@ -269,6 +271,11 @@ class CacheDataset(IterableDataset):
             # without shuffling or sampling every epoch is the same: an endless stream whose
             # share of one was empty would spin forever (and stall a DataLoader)
             if not (yielded or done.get(epoch) or self.shuffle_buffer or self.lang_alpha != 1.0):
+                return
+            # with shuffling, an epoch can leave this consumer empty by chance, but not many in
+            # a row unless the split itself is empty (e.g. every record held out)
+            empty_epochs = 0 if yielded else empty_epochs + 1
+            if empty_epochs >= _MAX_EMPTY_EPOCHS:
                 return
             epoch += 1
 

@@ -154,6 +154,9 @@ def train_students(cfg: JobConfig, *, resume: bool = True, progress: bool = True
     finally:
         for bar in bars.values():
             bar.close()
+    if not all(run.done for run in runs.values()):
+        raise StudentError(f"the cache's training split ran dry after {batches} batches (every record held out "
+                           "or filtered out by train.languages?); lower eval.held_out_fraction or widen the filter")
     save()
 
     # 5. final models, evaluation, report

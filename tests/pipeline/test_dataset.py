@@ -325,3 +325,11 @@ def test_verify_refuses_a_corrupt_shard(tmp_path):
     path.write_bytes(bytes(data))
     with pytest.raises(CorruptShardError, match="sha256"):
         list(CacheDataset(url, verify=True, shuffle_buffer=0))
+
+
+def test_an_endless_stream_over_an_empty_split_stops_instead_of_spinning(cache):
+    ids = np.asarray(all_ids(cache), dtype=np.uint64)
+    fraction = float(np.nextafter(1.0, 0.0))  # holds out every record
+    assert is_held_out(ids, fraction).all()
+    ds = CacheDataset(cache, seed=1, epochs=None, shuffle_buffer=20, split="train", held_out_fraction=fraction)
+    assert list(ds) == []

@@ -211,3 +211,10 @@ def test_cross_lingual_classification_student_reads_its_own_column(tmp_path, tin
     assert summary.students["xx"].get("records_without_text", 0) == 0
     final = tmp_path / "out" / "xx" / "final"
     assert (final / "tokenizer.json").is_file()  # the student's own tokenizer travels with it
+
+
+def test_an_empty_training_split_is_an_error_not_a_hang(tmp_path, topk_cache, corpus_dir, tiny_causal_lm_dir):
+    data = job_data(topk_cache, corpus_dir, tiny_causal_lm_dir, tmp_path / "out",
+                    train={"languages": ["en"]}, eval={"held_out_fraction": 0.999})
+    with pytest.raises(StudentError, match="held out|ran dry|empty"):
+        train_students(config_from_dict(data), progress=False)
