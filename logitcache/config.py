@@ -396,6 +396,32 @@ class EvalConfig(_Section):
 
 
 @dataclass(kw_only=True)
+class DemoTeacherConfig(_Section):
+    """A small causal LM that `logitcache run` trains from the corpus when no teacher exists.
+
+    For demos and tests only: it makes the whole job run offline. The tokenizer (byte-level
+    BPE) and the model are trained on the corpus documents outside the held-out split and
+    saved with save_pretrained to ``output``; a later run with the same settings reuses them.
+    """
+
+    output: str = "runs/demo/teacher"  # Directory the demo teacher is saved to; teacher.model must name it.
+    vocab_size: int = _field(4096, ge=300)  # Tokenizer vocabulary (byte-level BPE) trained on the corpus.
+    hidden_size: int = _field(192, ge=8)  # Width of the demo teacher (a Llama model).
+    num_layers: int = _field(4, ge=1)  # Transformer layers of the demo teacher.
+    num_heads: int = _field(4, ge=1)  # Attention heads; must divide hidden_size.
+    seq_length: int = _field(128, ge=8)  # Tokens per training sequence (documents are concatenated).
+    batch_size: int = _field(16, ge=1)  # Sequences per training step.
+    steps: int = _field(600, ge=1)  # Training steps (AdamW, cosine schedule).
+    lr: float = _field(2e-3, gt=0)  # Peak learning rate.
+    dropout: float = _field(0.1, ge=0, lt=1)  # Attention dropout, against memorising a small corpus.
+    seed: int = _field(0, ge=0)  # Seed of the tokenizer sample order, init and batches.
+
+    def _validate(self) -> None:
+        if self.hidden_size % self.num_heads:
+            raise ConfigError(f"{self._where('num_heads')}: must divide hidden_size ({self.hidden_size}), got {self.num_heads}")
+
+
+@dataclass(kw_only=True)
 class JobConfig(_Section):
     """One job: a cache, how to build it, and the students to train from it."""
 
@@ -410,6 +436,8 @@ class JobConfig(_Section):
     students: list[StudentConfig] = field(default_factory=list)  # Students to train from the cache.
     train: TrainConfig = field(default_factory=TrainConfig)  # Training settings shared by all students.
     eval: EvalConfig = field(default_factory=EvalConfig)  # Evaluation settings.
+    # Train a small demo teacher from the corpus first (logitcache run); None uses teacher.model as is.
+    demo_teacher: DemoTeacherConfig | None = None
 
     def _validate(self) -> None:
         if not self.cache:
@@ -419,6 +447,10 @@ class JobConfig(_Section):
             if student.name in seen:
                 raise ConfigError(f"{self._where('students')}[{index}].name: duplicate student name {student.name!r}; names must be unique")
             seen.add(student.name)
+        if self.demo_teacher is not None and self.teacher is not None and self.teacher.model != self.demo_teacher.output:
+            raise ConfigError(
+                f"{self._where('teacher.model')}: with demo_teacher, must be demo_teacher.output "
+                f"({self.demo_teacher.output!r}), got {self.teacher.model!r}")
 
     def require_build_sections(self, command: str = "logitcache build") -> None:
         """Raise ConfigError unless the sections that building a cache needs are present."""

@@ -1,9 +1,10 @@
 """Token-budget batches of windows, sorted by length so padding stays small.
 
 Inside a work unit, windows are ordered by length (longest first) and cut greedily into
-batches whose padded size ``rows x longest row`` stays within ``batch_tokens``. Sorting
-keeps neighbours of similar length together, so the padding fraction stays small (the
-build reports it); the original order of the windows is restored when the unit's shard is
+batches whose padded size ``rows x longest row`` stays within ``batch_tokens``; a batch is
+also cut where the next windows are so much shorter that its padding would pass
+``MAX_PADDING`` (a unit of a few long and many short windows would otherwise pad the short
+ones to the long ones' width). Padding stays small (the build reports it); the original order of the windows is restored when the unit's shard is
 assembled, so batching never changes what is stored.
 """
 
@@ -32,6 +33,10 @@ class Batch:
         return int(self.input_ids.numel())
 
 
+#: Largest padding fraction a batch may have when shorter windows could go to a batch of their own.
+MAX_PADDING = 0.2
+
+
 def plan_batches(lengths: Sequence[int], *, batch_tokens: int) -> list[np.ndarray]:
     """Index groups, longest windows first, each within ``batch_tokens`` once padded.
 
@@ -44,6 +49,11 @@ def plan_batches(lengths: Sequence[int], *, batch_tokens: int) -> list[np.ndarra
     while start < len(order):
         longest = int(lengths[order[start]])  # sorted: the first row is the longest
         rows = max(1, batch_tokens // max(longest, 1))
+        # cut early where the rows get so much shorter that padding would pass MAX_PADDING
+        real = np.cumsum(lengths[order[start:start + rows]])
+        padded = longest * np.arange(1, len(real) + 1)
+        fits = np.flatnonzero(1 - real / padded <= MAX_PADDING)
+        rows = int(fits[-1]) + 1 if len(fits) else 1
         groups.append(order[start:start + rows])
         start += rows
     return groups

@@ -74,6 +74,10 @@ def train_students(cfg: JobConfig, *, resume: bool = True, progress: bool = True
     """Train ``cfg.students`` from ``cfg.cache``; see the module docstring for the steps."""
     cfg.require_train_sections()
     started = time.perf_counter()
+    if not progress:  # save_pretrained draws bars of its own
+        from transformers.utils import logging as transformers_logging
+
+        transformers_logging.disable_progress_bar()
     train = cfg.train
     output = Path(train.output)
 
@@ -131,8 +135,9 @@ def train_students(cfg: JobConfig, *, resume: bool = True, progress: bool = True
                    "students": {n: {"config_digest": digests[n], "step": r.step} for n, r in runs.items()}}
         store.save(batches=batches, trainer=trainer, runs={n: (r.student, r) for n, r in runs.items()})
 
+    trained = not all(run.done for run in runs.values())  # False: a finished run, resumed
     try:
-        for batch in loader:
+        for batch in loader if trained else ():
             dataset.observe(batch.cursors)
             batch = batch.to(device, non_blocking=True)
             batches += 1
@@ -157,7 +162,8 @@ def train_students(cfg: JobConfig, *, resume: bool = True, progress: bool = True
     if not all(run.done for run in runs.values()):
         raise StudentError(f"the cache's training split ran dry after {batches} batches (every record held out "
                            "or filtered out by train.languages?); lower eval.held_out_fraction or widen the filter")
-    save()
+    if trained:
+        save()
 
     # 5. final models, evaluation, report
     finals = {}

@@ -6,7 +6,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from logitcache.config import WindowsConfig
-from logitcache.pipeline.batches import collate, plan_batches
+from logitcache.pipeline.batches import MAX_PADDING, collate, plan_batches
 from logitcache.pipeline.windows import make_windows, record_id_for, window_spans
 
 
@@ -71,6 +71,15 @@ def test_sorted_batching_keeps_padding_small():
     groups = plan_batches(lengths, batch_tokens=4096)
     padded = sum(len(g) * max(lengths[i] for i in g) for g in groups)
     assert 1 - lengths.sum() / padded < 0.05
+
+
+def test_a_few_long_windows_do_not_pad_many_short_ones():
+    lengths = np.array([128] + [20] * 30)  # all would fit one 4096-token batch padded to 128
+    groups = plan_batches(lengths, batch_tokens=4096)
+    assert len(groups) == 2 and groups[0].tolist() == [0]
+    for group in groups:
+        width = max(lengths[i] for i in group)
+        assert len(group) == 1 or 1 - lengths[group].sum() / (len(group) * width) <= MAX_PADDING
 
 
 def test_collate_pads_and_masks():
