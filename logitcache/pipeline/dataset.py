@@ -16,6 +16,11 @@ Window g goes to rank ``g % world_size`` and, within the rank, to worker
 ``(g // world_size) % num_workers``: a rank can tell its own windows without knowing its
 worker count, so its progress can be pruned and merged with other ranks'.
 
+Split. ``split="eval"`` keeps the records whose *split key* hashes below
+``held_out_fraction``, ``"train"`` the others. The key is the record id of the document's
+first window (:func:`split_keys`), so every window of a document lands on the same side,
+and the split depends on nothing else: not the seed, the run, or the machine.
+
 Resume. Workers are copies of the dataset, so the copy in the training process learns
 what was consumed from the records' cursors ``(epoch, window, index, window size)``
 passed to :meth:`CacheDataset.observe`. A window's records reach the training loop in
@@ -43,6 +48,7 @@ import numpy as np
 from torch.utils.data import IterableDataset, get_worker_info
 
 from logitcache.errors import ConfigError, IncompatibleCacheError
+from logitcache.pipeline.windows import record_id_for
 from logitcache.storage_schemas.layout import RecordLayout
 from logitcache.storage_schemas.manifest import Manifest
 from logitcache.storage_schemas.records import RecordBlock
@@ -90,9 +96,17 @@ def _unit(hashes: np.ndarray) -> np.ndarray:
     return (hashes >> np.uint64(11)).astype(np.float64) * 2.0**-53
 
 
-def is_held_out(record_ids: np.ndarray, fraction: float) -> np.ndarray:
-    """Whether each record is in the held-out (eval) split; depends on the id alone."""
-    return _unit(_mix(np.asarray(record_ids, dtype=np.uint64))) < fraction
+def is_held_out(keys: np.ndarray, fraction: float) -> np.ndarray:
+    """Whether each split key (see :func:`split_keys`) is in the held-out (eval) split; depends
+    on the key alone, so the split is the same for every seed, run and machine."""
+    return _unit(_mix(np.asarray(keys, dtype=np.uint64))) < fraction
+
+
+def split_keys(doc_keys: np.ndarray) -> np.ndarray:
+    """The key that places a record in the train or held-out split: its document's first
+    record id, so all windows of one document fall on the same side (a long document split
+    across both would leak its text into evaluation)."""
+    return np.fromiter((record_id_for(str(key), 0) for key in doc_keys), dtype=np.uint64, count=len(doc_keys))
 
 
 class CacheDataset(IterableDataset):
@@ -235,7 +249,7 @@ class CacheDataset(IterableDataset):
         """Indices of the records of ``block`` the epoch draws, each as often as drawn."""
         keep = np.ones(block.num_records, dtype=bool)
         if self.split != "all":
-            held = is_held_out(block.record_id, self.held_out_fraction)
+            held = is_held_out(split_keys(block.doc_key), self.held_out_fraction)
             keep &= held if self.split == "eval" else ~held
         langs, inverse = np.unique(block.lang.astype(str), return_inverse=True)
         if self.languages is not None:

@@ -56,7 +56,8 @@ class DemoTeacherResult:
 
 
 def training_texts(corpus: CorpusConfig, held_out_fraction: float) -> list[str]:
-    """The corpus documents outside stage two's held-out split (by their first window's id)."""
+    """The corpus documents outside stage two's held-out split (the same split key: the
+    document's first record id)."""
     texts = []
     for unit in iter_work_units(corpus):
         keys = np.array([record_id_for(doc.key, 0) for doc in unit.documents], dtype=np.uint64)

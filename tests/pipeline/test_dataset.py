@@ -10,7 +10,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from logitcache.errors import ConfigError, CorruptShardError
-from logitcache.pipeline.dataset import CacheDataset, CachedRecord, is_held_out
+from logitcache.pipeline.dataset import CacheDataset, CachedRecord, is_held_out, split_keys
 from logitcache.storage_schemas.records import RecordBlock
 from logitcache.storage_schemas.shard_reader import CacheReader
 from logitcache.storage_schemas.shard_writer import ShardWriter
@@ -201,9 +201,25 @@ def test_held_out_split(tmp_path):
     assert 0.17 < len(held) / len(everything) < 0.33
     assert sorted(r.record_id for r in CacheDataset(url, split="eval", held_out_fraction=0.25, seed=7)) \
         == sorted(held)
-    assert is_held_out(np.array(held, dtype=np.uint64), 0.25).all()
+    reader = CacheReader(url)
+    block = RecordBlock.concat([reader.read_shard(s) for s in reader.shards])
+    key_of = dict(zip(block.record_id.tolist(), split_keys(block.doc_key).tolist(), strict=True))
+    assert is_held_out(np.array([key_of[r] for r in held], dtype=np.uint64), 0.25).all()
     with pytest.raises(ConfigError, match="held_out_fraction > 0"):
         CacheDataset(url, split="eval")
+
+
+def test_all_windows_of_a_document_fall_on_the_same_side(tmp_path):
+    layout = make_layout("token_topk", value_codec="float16")
+    writer = ShardWriter(str(tmp_path / "c"), template=make_template(layout, storage={"row_group_tokens": 40}))
+    block = make_block(layout, records=120, seed=5)
+    block.doc_key = np.array([f"doc-{i // 4}" for i in range(120)], dtype=object)  # 4 windows per document
+    writer.commit(block, unit_id="u000")
+    url = str(tmp_path / "c")
+    doc_of = dict(zip(block.record_id.tolist(), block.doc_key.tolist(), strict=True))
+    train = {doc_of[r.record_id] for r in CacheDataset(url, split="train", held_out_fraction=0.3)}
+    held = {doc_of[r.record_id] for r in CacheDataset(url, split="eval", held_out_fraction=0.3)}
+    assert train and held and not train & held
 
 
 def test_language_filter(cache):
@@ -328,8 +344,9 @@ def test_verify_refuses_a_corrupt_shard(tmp_path):
 
 
 def test_an_endless_stream_over_an_empty_split_stops_instead_of_spinning(cache):
-    ids = np.asarray(all_ids(cache), dtype=np.uint64)
+    reader = CacheReader(cache)
+    keys = split_keys(np.concatenate([reader.read_shard(s).doc_key for s in reader.shards]))
     fraction = float(np.nextafter(1.0, 0.0))  # holds out every record
-    assert is_held_out(ids, fraction).all()
+    assert is_held_out(keys, fraction).all()
     ds = CacheDataset(cache, seed=1, epochs=None, shuffle_buffer=20, split="train", held_out_fraction=fraction)
     assert list(ds) == []
