@@ -405,13 +405,13 @@ class DemoTeacherConfig(_Section):
     """
 
     output: str = "runs/demo/teacher"  # Directory the demo teacher is saved to; teacher.model must name it.
-    vocab_size: int = _field(4096, ge=300)  # Tokenizer vocabulary (byte-level BPE) trained on the corpus.
-    hidden_size: int = _field(192, ge=8)  # Width of the demo teacher (a Llama model).
-    num_layers: int = _field(4, ge=1)  # Transformer layers of the demo teacher.
+    vocab_size: int = _field(2048, ge=300)  # Tokenizer vocabulary (byte-level BPE) trained on the corpus.
+    hidden_size: int = _field(128, ge=8)  # Width of the demo teacher (a Llama model).
+    num_layers: int = _field(3, ge=1)  # Transformer layers of the demo teacher.
     num_heads: int = _field(4, ge=1)  # Attention heads; must divide hidden_size.
     seq_length: int = _field(128, ge=8)  # Tokens per training sequence (documents are concatenated).
     batch_size: int = _field(16, ge=1)  # Sequences per training step.
-    steps: int = _field(600, ge=1)  # Training steps (AdamW, cosine schedule).
+    steps: int = _field(250, ge=1)  # Training steps (AdamW, cosine schedule).
     lr: float = _field(2e-3, gt=0)  # Peak learning rate.
     dropout: float = _field(0.1, ge=0, lt=1)  # Attention dropout, against memorising a small corpus.
     seed: int = _field(0, ge=0)  # Seed of the tokenizer sample order, init and batches.

@@ -169,3 +169,12 @@ def test_inspect_a_corrupt_cache_still_summarises(cache):
     assert "token_topk" in result.output and "logitcache verify" in result.output
     summary = json.loads(run("inspect", str(cache), "--json").output)
     assert summary["example"] is None and "cannot be decoded" in summary["example_error"]
+
+
+def test_every_command_has_help_and_a_line_in_the_readme():
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
+    runner = CliRunner()
+    for name in main.commands:
+        result = runner.invoke(main, [name, "--help"])
+        assert result.exit_code == 0 and "Usage:" in result.output, name
+        assert f"| `logitcache {name}" in readme, f"README's command table lacks {name}"
