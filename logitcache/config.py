@@ -411,7 +411,7 @@ class DemoTeacherConfig(_Section):
     num_heads: int = _field(4, ge=1)  # Attention heads; must divide hidden_size.
     seq_length: int = _field(128, ge=8)  # Tokens per training sequence (documents are concatenated).
     batch_size: int = _field(16, ge=1)  # Sequences per training step.
-    steps: int = _field(200, ge=1)  # Training steps (AdamW, cosine schedule).
+    steps: int = _field(250, ge=1)  # Training steps (AdamW, cosine schedule).
     lr: float = _field(2e-3, gt=0)  # Peak learning rate.
     dropout: float = _field(0.1, ge=0, lt=1)  # Attention dropout, against memorising a small corpus.
     seed: int = _field(0, ge=0)  # Seed of the tokenizer sample order, init and batches.

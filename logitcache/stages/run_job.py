@@ -50,7 +50,7 @@ def default_job() -> dict[str, Any]:
             {"name": "ce-small", "model": {"config": _SMALL},
              "loss": {"kind": "forward_kl", "alpha": 0.0}, "optimizer": {"lr": 3e-3, "warmup_steps": 20}},
         ],
-        "train": {"steps": 200, "batch_tokens": 2048, "output": "runs/demo/students", "seed": 0,
+        "train": {"steps": 300, "batch_tokens": 2048, "output": "runs/demo/students", "seed": 0,
                   "shuffle_buffer": 512},
         "eval": {"held_out_fraction": 0.1},
     })
