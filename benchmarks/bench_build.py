@@ -84,6 +84,8 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:  # `python benchmarks/bench_build.py` puts benchmarks/ first
     sys.path.insert(0, str(ROOT))
 
+from machine import cpu_model  # noqa: E402
+
 import logitcache  # noqa: E402
 from logitcache.config import JobConfig, config_from_dict  # noqa: E402
 from logitcache.pipeline.batches import collate, plan_batches  # noqa: E402
@@ -380,16 +382,6 @@ def measure(name: str, model_dir: Path, corpus: Path, warmup_corpus: Path, workd
 
 
 # ---------------------------------------------------------------- report
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def machine_lines(args: argparse.Namespace) -> list[str]:

@@ -65,6 +65,7 @@ import numpy as np  # noqa: E402
 import pyarrow as pa  # noqa: E402
 import pyarrow.parquet as pq  # noqa: E402
 import zarr  # noqa: E402
+from machine import cpu_model  # noqa: E402
 from synthetic_topk import (  # noqa: E402
     SyntheticRecords,
     make_records,
@@ -342,21 +343,14 @@ def read_breakdown(records: SyntheticRecords, vocab: int, k: int, codecs: tuple[
 
 
 def machine_lines() -> list[str]:
-    model = ""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    model = cpu_model()
     versions = {
         "python": platform.python_version(), "numpy": np.__version__, "pyarrow": pa.__version__,
         "zarr": zarr.__version__, "numcodecs": numcodecs.__version__,
         "logitcache": logitcache.__version__,
     }
     return [
-        f"- machine: {platform.machine()}, {os.cpu_count()} CPUs, CPU model {model or 'unknown'!r}, "
+        f"- machine: {platform.machine()}, {os.cpu_count()} CPUs, CPU model {model!r}, "
         f"platform.processor() = {platform.processor()!r}, {platform.system()} {platform.release()}",
         "- versions: " + ", ".join(f"{k} {v}" for k, v in versions.items()),
     ]

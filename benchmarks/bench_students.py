@@ -90,6 +90,7 @@ for _path in (ROOT, Path(__file__).resolve().parent):
     if str(_path) not in sys.path:
         sys.path.insert(0, str(_path))
 
+from machine import cpu_model  # noqa: E402
 from synthetic_language import (  # noqa: E402
     SyntheticLanguage,
     build_word_tokenizer,
@@ -629,14 +630,7 @@ def machine_lines(s: Settings) -> list[str]:
     import tokenizers
     import transformers
 
-    model = "unknown"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    model = cpu_model()
     versions = {"python": platform.python_version(), "torch": torch.__version__,
                 "transformers": transformers.__version__, "datasets": datasets.__version__,
                 "tokenizers": tokenizers.__version__, "logitcache": logitcache.__version__}
