@@ -22,6 +22,7 @@ import contextlib
 import hashlib
 import json
 import os
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -156,6 +157,13 @@ def cache_pad_id(manifest: Manifest) -> int:
         if fallback is not None and token == fallback:
             return int(token_id)
     return 0
+
+
+def shared_pad_id(students: Iterable[Student]) -> int:
+    """The pad id of batches shared by ``students``: the students reading the cache's tokens
+    share the cache's pad id (those with their own texts pad their own inputs)."""
+    pads = {s.pad_token_id for s in students if not s.reads_text}
+    return min(pads) if pads else 0
 
 
 def _tokenizer_pad_id(tokenizer: Any) -> int:

@@ -96,21 +96,34 @@ class StudentTexts:
         return ids, mask, torch.tensor(rows, dtype=torch.int64)
 
 
-def sequence_batch_loss(student: Student, batch: SequenceBatch, texts: StudentTexts | None) -> LossOutput | None:
-    """The student's loss on a classification batch (None when none of its records has a text)."""
-    teacher, labels = batch.class_logprobs, batch.labels
+def student_class_logits(student: Student, batch: SequenceBatch,
+                         texts: StudentTexts | None) -> tuple[Tensor, Tensor | None] | None:
+    """The student's class logits on a classification batch, and which batch rows they are
+    for (None: all of them; a student with its own texts skips records without one). None
+    when no record of the batch has a text."""
+    rows = None
     if texts is None:
         input_ids, attention_mask = batch.input_ids, batch.attention_mask
     else:
         input_ids, attention_mask, rows = texts.inputs(batch, pad_id=student.pad_token_id)
         if rows.numel() == 0:
             return None
-        rows = rows.to(teacher.device)
         input_ids, attention_mask = input_ids.to(student.device), attention_mask.to(student.device)
-        teacher, labels = teacher[rows], labels[rows]
     with student.autocast():
         logits = student.class_logits(input_ids, attention_mask)
-    return sequence_distillation_loss(logits.float(), teacher, labels, cfg=student.cfg.loss)
+    return logits.float(), rows
+
+
+def sequence_batch_loss(student: Student, batch: SequenceBatch, texts: StudentTexts | None) -> LossOutput | None:
+    """The student's loss on a classification batch (None when none of its records has a text)."""
+    result = student_class_logits(student, batch, texts)
+    if result is None:
+        return None
+    logits, rows = result
+    teacher, labels = batch.class_logprobs, batch.labels
+    if rows is not None:
+        teacher, labels = teacher[rows.to(teacher.device)], labels[rows.to(labels.device)]
+    return sequence_distillation_loss(logits, teacher, labels, cfg=student.cfg.loss)
 
 
 @dataclass(kw_only=True)

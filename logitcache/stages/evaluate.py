@@ -34,9 +34,9 @@ from logitcache.pipeline.collate import (
 from logitcache.pipeline.dataset import CacheDataset
 from logitcache.pipeline.metrics import ClassificationMetrics, LanguageMetrics, token_metrics
 from logitcache.pipeline.report import read_metrics_jsonl, write_report
-from logitcache.pipeline.students import Student, build_student, describe_student
+from logitcache.pipeline.students import Student, build_student, describe_student, shared_pad_id
 from logitcache.pipeline.teacher import resolve_device
-from logitcache.pipeline.training import StudentTexts
+from logitcache.pipeline.training import StudentTexts, student_class_logits
 from logitcache.storage_schemas.shard_reader import CacheReader
 
 
@@ -54,10 +54,10 @@ def evaluate_students(cfg: JobConfig, students: dict[str, Student], *, texts: di
     texts = texts or {}
     if layout.is_token_level:
         packer: TokenPacker | SequencePacker = TokenPacker(layout, rows=rows, length=length,
-                                                           pad_id=_shared_pad(students))
+                                                           pad_id=shared_pad_id(students.values()))
         accumulators: dict[str, Any] = {name: LanguageMetrics() for name in students}
     else:
-        packer = SequencePacker(layout, rows=rows, pad_id=_shared_pad(students))
+        packer = SequencePacker(layout, rows=rows, pad_id=shared_pad_id(students.values()))
         accumulators = {name: ClassificationMetrics() for name in students}
 
     records = 0
@@ -93,11 +93,6 @@ def _limited(dataset: CacheDataset, limit: int | None):
         yield record
 
 
-def _shared_pad(students: dict[str, Student]) -> int:
-    pads = {s.pad_token_id for s in students.values() if not s.reads_text}
-    return min(pads) if pads else 0
-
-
 def _token_eval(student: Student, batch: TokenBatch, metrics: LanguageMetrics) -> None:
     mask = batch.label_mask
     with student.autocast():
@@ -119,19 +114,15 @@ def _token_eval(student: Student, batch: TokenBatch, metrics: LanguageMetrics) -
 
 def _sequence_eval(student: Student, batch: SequenceBatch, metrics: ClassificationMetrics,
                    texts: StudentTexts | None) -> None:
+    result = student_class_logits(student, batch, texts)
+    if result is None:
+        return
+    logits, rows = result
     teacher, labels, langs = batch.class_logprobs, batch.labels, list(batch.langs)
-    if texts is None:
-        input_ids, attention_mask = batch.input_ids, batch.attention_mask
-    else:
-        input_ids, attention_mask, rows = texts.inputs(batch, pad_id=student.pad_token_id)
-        if rows.numel() == 0:
-            return
-        input_ids, attention_mask = input_ids.to(student.device), attention_mask.to(student.device)
+    if rows is not None:
         teacher, labels = teacher[rows.to(teacher.device)], labels[rows.to(labels.device)]
         langs = [langs[i] for i in rows.tolist()]
-    with student.autocast():
-        logits = student.class_logits(input_ids, attention_mask)
-    metrics.add(langs, student_logits=logits.float(), teacher_logprobs=teacher, labels=labels)
+    metrics.add(langs, student_logits=logits, teacher_logprobs=teacher, labels=labels)
 
 
 def load_final_students(cfg: JobConfig) -> dict[str, Student]:

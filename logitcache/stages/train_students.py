@@ -35,7 +35,7 @@ from logitcache.pipeline.collate import PackedBatches, SequencePacker, TokenPack
 from logitcache.pipeline.corpus import paired_texts
 from logitcache.pipeline.dataset import CacheDataset
 from logitcache.pipeline.losses import check_loss_supported
-from logitcache.pipeline.students import Student, build_student, config_digest
+from logitcache.pipeline.students import Student, build_student, config_digest, shared_pad_id
 from logitcache.pipeline.teacher import resolve_device
 from logitcache.pipeline.training import StudentRun, StudentTexts
 from logitcache.pipeline.windows import record_id_for, tokenize
@@ -202,8 +202,7 @@ def _packer(cfg: JobConfig, manifest, students: list[Student]) -> TokenPacker | 
     layout = manifest.layout
     length = int(manifest.windows.get("max_length") or cfg.windows.max_length)
     rows = rows_for(cfg.train.batch_tokens, length)
-    pad_ids = {s.pad_token_id for s in students if not s.reads_text}
-    pad_id = min(pad_ids) if pad_ids else 0
+    pad_id = shared_pad_id(students)
     if layout.is_token_level:
         return TokenPacker(layout, rows=rows, length=length, pad_id=pad_id)
     return SequencePacker(layout, rows=rows, pad_id=pad_id)
