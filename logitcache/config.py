@@ -275,8 +275,14 @@ class ExecutorConfig(_Section):
     kind: Literal["local", "dask"] = "local"  # In this process, or on a Dask cluster.
     # Dask scheduler address (tcp://...); None with kind dask starts a local cluster.
     address: str | None = None
-    n_workers: int = _field(2, ge=1)  # Workers of a local Dask cluster.
-    retries: int = _field(2, ge=0)  # Times a failed work unit is retried before the job fails.
+    n_workers: int = _field(2, ge=1)  # Worker processes of the local Dask cluster (when address is None).
+    threads_per_worker: int = _field(1, ge=1)  # Threads (units at once) per local-cluster worker.
+    retries: int = _field(2, ge=0)  # Times a failed work unit is retried before it is reported as failed.
+    # Units submitted and not yet committed at a time; 0 means twice the cluster's worker threads.
+    in_flight: int = _field(0, ge=0)
+    # Dask resources every unit task needs, e.g. {GPU: 1} with workers started with --resources GPU=1.
+    task_resources: dict[str, float] = _field(factory=dict)
+    connect_timeout: float = _field(30.0, gt=0)  # Seconds to wait for the scheduler at address.
 
     def _validate(self) -> None:
         if self.address is not None and self.kind != "dask":

@@ -2,16 +2,19 @@
 
 The recipe, top to bottom:
 
-1. load the teacher (model, tokenizer, identity) and derive the record layout: the kind of
+1. ask the executor (this process, or a Dask cluster: ``executor.kind``) for the teacher's
+   identity, loading it where the units will run, and derive the record layout: the kind of
    label, the narrowest id type for its vocabulary, k, codec, samples;
 2. open the cache with a manifest template that records teacher, tokenizer, corpus,
    windowing, soft-label and storage settings; a cache built with another configuration is
    refused (``overwrite`` starts afresh);
-3. stream the corpus as deterministic work units; a unit already committed is skipped (its
-   documents must still hash to what was committed), every other unit is cut into windows,
-   labelled by the teacher and committed as one shard on a background thread while the next
-   unit runs;
-4. record the build's statistics (tokens/s, padding, entropy per language) in the manifest.
+3. stream the corpus as deterministic work units on this process (the driver); a unit already
+   committed is skipped (its documents must still hash to what was committed), every other
+   unit goes to the executor, which cuts it into windows and labels it with the teacher; each
+   labelled unit is committed here, as one shard, on a background thread while the next
+   units run. Only the driver writes the manifest;
+4. record the build's statistics (tokens/s, padding, entropy per language) in the manifest,
+   and fail (exit 1) naming every unit that still failed after its retries, if any.
 
 Killing the process at any moment loses at most the units in flight: a re-run skips what is
 committed and produces the records an uninterrupted run would have.
@@ -19,20 +22,21 @@ committed and produces the records an uninterrupted run would have.
 
 from __future__ import annotations
 
+import contextlib
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
 from tqdm.auto import tqdm
 
 from logitcache.config import JobConfig, config_fingerprint_fields, config_to_dict
-from logitcache.errors import IncompatibleCacheError
+from logitcache.errors import IncompatibleCacheError, LogitcacheError
 from logitcache.pipeline.committer import BackgroundCommitter
-from logitcache.pipeline.corpus import describe_corpus, estimate_units, iter_work_units
+from logitcache.pipeline.corpus import WorkUnit, describe_corpus, estimate_units, iter_work_units
+from logitcache.pipeline.executor import Executor, make_executor
 from logitcache.pipeline.soft_labels import SoftLabelSpec
-from logitcache.pipeline.teacher import Teacher, load_teacher
-from logitcache.pipeline.unit_labeler import label_unit, unit_seed
-from logitcache.pipeline.windows import make_windows
+from logitcache.pipeline.unit_task import TeacherFacts, UnitTask
 from logitcache.storage_schemas.id_codec import id_type_for_vocab
 from logitcache.storage_schemas.layout import RecordLayout
 from logitcache.storage_schemas.manifest import Manifest, ShardEntry
@@ -57,6 +61,7 @@ class BuildSummary:
     seconds: float = 0.0
     forward_seconds: float = 0.0
     skipped_documents: dict[str, int] = field(default_factory=dict)
+    failed_units: dict[str, str] = field(default_factory=dict)  # unit id -> where and why, after retries
     cache_totals: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -74,7 +79,8 @@ class BuildSummary:
             "bytes": self.bytes, "bytes_per_position": round(self.bytes / self.positions, 2) if self.positions else None,
             "seconds": round(self.seconds, 3), "tokens_per_second": round(self.tokens_per_second, 1),
             "padding_fraction": round(self.padding_fraction, 4),
-            "skipped_documents": self.skipped_documents, "cache_totals": self.cache_totals,
+            "skipped_documents": self.skipped_documents, "failed_units": self.failed_units,
+            "cache_totals": self.cache_totals,
         }
 
     def to_text(self) -> str:
@@ -97,7 +103,20 @@ class BuildSummary:
         return "\n".join(lines)
 
 
-def record_layout(cfg: JobConfig, teacher: Teacher) -> RecordLayout:
+class BuildIncompleteError(LogitcacheError):
+    """Some work units failed after every retry; every other unit was committed."""
+
+    def __init__(self, summary: BuildSummary) -> None:
+        self.summary = summary
+        failed = summary.failed_units
+        lines = [f"{len(failed)} work unit(s) failed after every retry; the {summary.units_built} other unit(s) "
+                 f"of this run are committed to {summary.cache}. Fix the cause and run the same command again "
+                 "to build only what is left:"]
+        lines += [f"  {unit_id}: {why}" for unit_id, why in sorted(failed.items())]
+        super().__init__("\n".join(lines))
+
+
+def record_layout(cfg: JobConfig, teacher: TeacherFacts) -> RecordLayout:
     labels = cfg.soft_labels
     if teacher.task == "sequence_classification":
         return RecordLayout(kind="sequence_probs", id_type=id_type_for_vocab(teacher.vocab_size),
@@ -111,13 +130,24 @@ def record_layout(cfg: JobConfig, teacher: Teacher) -> RecordLayout:
     )
 
 
-def manifest_template(cfg: JobConfig, teacher: Teacher, layout: RecordLayout) -> Manifest:
+def manifest_template(cfg: JobConfig, teacher: TeacherFacts, layout: RecordLayout) -> Manifest:
     return Manifest(
         layout=layout, backend=cfg.storage.backend, storage=config_to_dict(cfg.storage),
         teacher=teacher.identity, tokenizer=teacher.tokenizer_info, corpus=describe_corpus(cfg.corpus),
         windows=config_to_dict(cfg.windows), soft_labels=config_to_dict(cfg.soft_labels),
         config=config_to_dict(cfg), fingerprint_fields=config_fingerprint_fields(cfg),
     )
+
+
+def unit_task(cfg: JobConfig, teacher: TeacherFacts, layout: RecordLayout) -> UnitTask:
+    """How every unit of this build is labelled, wherever it runs."""
+    spec = SoftLabelSpec(
+        mode=cfg.soft_labels.mode if layout.is_token_level else "topk",
+        k=max(layout.k, 1), samples=max(layout.samples, 1), entropy=True,
+        chunk_positions=max(16, min(4096, _CHUNK_LOGITS // max(teacher.vocab_size, 1))),
+    )
+    return UnitTask(teacher=cfg.teacher, windows=cfg.windows, spec=spec, layout=layout,
+                    batch_tokens=cfg.teacher.batch_tokens, seed=cfg.soft_labels.seed, teacher_digest=teacher.digest)
 
 
 def _check_unchanged(entry: ShardEntry, fingerprint: str, unit_id: str, source: str) -> None:
@@ -130,8 +160,17 @@ def _check_unchanged(entry: ShardEntry, fingerprint: str, unit_id: str, source: 
         )
 
 
-def build_cache(cfg: JobConfig, *, overwrite: bool = False, progress: bool = True) -> BuildSummary:
-    """Stage one for ``cfg``; returns what was built. See the module docstring."""
+def _count(counts: dict[str, int], more: dict[str, int]) -> None:
+    for reason, n in more.items():
+        counts[reason] = counts.get(reason, 0) + n
+
+
+def build_cache(cfg: JobConfig, *, overwrite: bool = False, progress: bool = True,
+                executor: Executor | None = None) -> BuildSummary:
+    """Stage one for ``cfg``; returns what was built. See the module docstring.
+
+    ``executor`` runs the units; by default the one ``cfg.executor`` names, made and closed here.
+    """
     cfg.require_build_sections()
     started = time.perf_counter()
     summary = BuildSummary(cache=cfg.cache)
@@ -140,58 +179,66 @@ def build_cache(cfg: JobConfig, *, overwrite: bool = False, progress: bool = Tru
         from transformers.utils import logging as transformers_logging
 
         transformers_logging.disable_progress_bar()
-    teacher = load_teacher(cfg.teacher)
-    layout = record_layout(cfg, teacher)
-    writer = ShardWriter(cfg.cache, template=manifest_template(cfg, teacher, layout), overwrite=overwrite)
-    committed = {unit_id: writer.manifest.shard_for_unit(unit_id) for unit_id in writer.committed_units}
-    spec = SoftLabelSpec(
-        mode=cfg.soft_labels.mode if layout.is_token_level else "topk",
-        k=max(layout.k, 1), samples=max(layout.samples, 1), entropy=True,
-        chunk_positions=max(16, min(4096, _CHUNK_LOGITS // max(teacher.vocab_size, 1))),
-    )
+    with contextlib.ExitStack() as stack:
+        if executor is None:
+            executor = stack.enter_context(make_executor(cfg.executor))
 
-    bar = tqdm(desc="build", unit=" unit", total=estimate_units(cfg.corpus) if progress else None,
-               disable=not progress, dynamic_ncols=True)
+        # 1. the teacher (loaded where the units run) and the record layout
+        teacher = executor.teacher_facts(cfg.teacher)
+        layout = record_layout(cfg, teacher)
+        # 2. the cache, refusing one built with another configuration
+        writer = ShardWriter(cfg.cache, template=manifest_template(cfg, teacher, layout), overwrite=overwrite)
+        committed = {unit_id: writer.manifest.shard_for_unit(unit_id) for unit_id in writer.committed_units}
+        task = unit_task(cfg, teacher, layout)
+        bar = stack.enter_context(tqdm(desc="build", unit=" unit", total=estimate_units(cfg.corpus) if progress else None,
+                                       disable=not progress, dynamic_ncols=True))
 
-    def on_commit(entry: ShardEntry) -> None:
-        summary.bytes += entry.bytes
+        # 3. the units still to build, in corpus order; committed ones are checked and skipped
+        def units_to_build() -> Iterator[WorkUnit]:
+            for unit in iter_work_units(cfg.corpus):
+                _count(summary.skipped_documents, unit.skipped)
+                if unit.unit_id in committed:
+                    _check_unchanged(committed[unit.unit_id], unit.fingerprint, unit.unit_id, unit.source)
+                    summary.units_skipped += 1
+                    bar.update(1)
+                    continue
+                yield unit
 
-    with BackgroundCommitter(writer, on_commit=on_commit) as committer:
-        for unit in iter_work_units(cfg.corpus):
-            for reason, count in unit.skipped.items():
-                summary.skipped_documents[reason] = summary.skipped_documents.get(reason, 0) + count
-            if unit.unit_id in committed:
-                _check_unchanged(committed[unit.unit_id], unit.fingerprint, unit.unit_id, unit.source)
-                summary.units_skipped += 1
+        def on_commit(entry: ShardEntry) -> None:
+            summary.bytes += entry.bytes
+
+        with BackgroundCommitter(writer, on_commit=on_commit) as committer:
+            for outcome in executor.map_units(task, units_to_build()):
                 bar.update(1)
-                continue
-            windows, no_tokens = make_windows(unit.documents, teacher.tokenizer, cfg.windows, task=teacher.task)
-            if no_tokens:
-                summary.skipped_documents["no_tokens"] = summary.skipped_documents.get("no_tokens", 0) + no_tokens
-            block, stats = label_unit(
-                teacher, windows, spec=spec, layout=layout, batch_tokens=cfg.teacher.batch_tokens,
-                seed=unit_seed(cfg.soft_labels.seed, unit.unit_id), store_entropy=layout.entropy,
-            )
-            committer.submit(block, unit_id=unit.unit_id, stats={
-                **stats.to_dict(), "unit_fingerprint": unit.fingerprint, "source": unit.source,
-                "first_row": unit.first_row, "num_rows": unit.num_rows, "skipped_documents": unit.skipped,
-            })
-            summary.units_built += 1
-            summary.records += block.num_records
-            summary.tokens += stats.tokens
-            summary.positions += stats.positions
-            summary.padded_tokens += stats.padded_tokens
-            summary.forward_seconds += stats.forward_seconds
-            bar.update(1)
-            elapsed = time.perf_counter() - started
-            bar.set_postfix_str(f"{summary.tokens / elapsed:,.0f} tok/s, padding {summary.padding_fraction:.1%}")
-    bar.close()
+                unit, labelled = outcome.unit, outcome.labelled
+                if labelled is None:
+                    summary.failed_units[unit.unit_id] = f"{unit.source} rows {unit.first_row}-" \
+                                                         f"{unit.first_row + unit.num_rows - 1}: {outcome.error}"
+                    continue
+                stats = labelled.stats
+                _count(summary.skipped_documents, {"no_tokens": labelled.no_tokens} if labelled.no_tokens else {})
+                committer.submit(labelled.block, unit_id=unit.unit_id, stats={
+                    **stats, "unit_fingerprint": unit.fingerprint, "source": unit.source,
+                    "first_row": unit.first_row, "num_rows": unit.num_rows, "skipped_documents": unit.skipped,
+                    "labelled_by": f"{labelled.host}:{labelled.pid}",
+                })
+                summary.units_built += 1
+                summary.records += labelled.block.num_records
+                summary.tokens += stats["tokens"]
+                summary.positions += stats["positions"]
+                summary.padded_tokens += stats["padded_tokens"]
+                summary.forward_seconds += stats["forward_seconds"]
+                elapsed = time.perf_counter() - started
+                bar.set_postfix_str(f"{summary.tokens / elapsed:,.0f} tok/s, padding {summary.padding_fraction:.1%}")
 
+    # 4. the build's statistics
     summary.seconds = time.perf_counter() - started
     manifest = writer.manifest
     summary.cache_totals = manifest.to_dict()["totals"]
     if summary.units_built:
         writer.update_stats(**_manifest_stats(manifest, summary))
+    if summary.failed_units:
+        raise BuildIncompleteError(summary)
     return summary
 
 

@@ -7,7 +7,7 @@ read and verify if the process dies right after it:
 2. its bytes are fsynced and hashed;
 3. it is renamed into ``shards/`` (a shard there but not in the manifest is "unlisted":
    reported by ``verify``, ignored by readers, overwritten when its unit is built again);
-4. the manifest, now listing it with rows, tokens, bytes, sha256 and per-language counts,
+4. the manifest, now listing it (shards sorted by unit id) with rows, tokens, bytes, sha256 and per-language counts,
    replaces the old one atomically. This is the commit point.
 
 Opening a writer on an existing cache checks that it was built with the same identity
@@ -140,7 +140,10 @@ class ShardWriter:
             sha256=sha256, blocks=num_blocks, langs=block.lang_counts(),
             stats={"write_seconds": round(time.perf_counter() - started, 4), **(stats or {})},
         )
+        # units may finish in any order (a Dask build); the manifest lists them by unit id so
+        # that a cache's shard order, and so a reader's order, does not depend on who built it
         self.manifest.shards.append(entry)
+        self.manifest.shards.sort(key=lambda shard: shard.unit_id)
         self.manifest.save(self.location)
         return entry
 
