@@ -21,6 +21,7 @@ cache is the same record for record whichever ran it.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import uuid
 from collections.abc import Callable, Iterable, Iterator
@@ -120,7 +121,13 @@ class DaskExecutor:
                     "to run a local cluster") from None
         else:
             threads = max(1, (os.cpu_count() or 1) // cfg.n_workers)
-            self._cluster = LocalCluster(
+            with preserved_environment():
+                self._cluster = self._local_cluster(LocalCluster, cfg, threads)
+            self.client = Client(self._cluster)
+
+    @staticmethod
+    def _local_cluster(cluster_class: Any, cfg: ExecutorConfig, threads: int) -> Any:
+        return cluster_class(
                 n_workers=cfg.n_workers, threads_per_worker=cfg.threads_per_worker, processes=True,
                 dashboard_address=None, scheduler_kwargs={"dashboard": False},
                 resources=dict(cfg.task_resources) or None,
@@ -128,7 +135,6 @@ class DaskExecutor:
                 # should use this worker's share of the cores instead
                 env={"OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads},
             )
-            self.client = Client(self._cluster)
 
     @property
     def worker_threads(self) -> int:
@@ -176,16 +182,30 @@ class DaskExecutor:
             future.release()
 
     def close(self) -> None:
-        if self._own_client:
-            self.client.close()
-        if self._cluster is not None:
-            self._cluster.close()
+        with preserved_environment():
+            if self._own_client:
+                self.client.close()
+            if self._cluster is not None:
+                self._cluster.close()
 
     def __enter__(self) -> DaskExecutor:
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+@contextlib.contextmanager
+def preserved_environment() -> Iterator[None]:
+    """Undo what dask's nannies write into this process's environment (OMP_NUM_THREADS=1 and
+    friends, meant for the workers), so that later subprocesses of the driver are unaffected."""
+    saved = dict(os.environ)
+    try:
+        yield
+    finally:
+        if dict(os.environ) != saved:
+            os.environ.clear()
+            os.environ.update(saved)
 
 
 def make_executor(cfg: ExecutorConfig) -> LocalExecutor | DaskExecutor:

@@ -2,12 +2,14 @@
 
 The recipe, top to bottom:
 
-1. ask the executor (this process, or a Dask cluster: ``executor.kind``) for the teacher's
-   identity, loading it where the units will run, and derive the record layout: the kind of
-   label, the narrowest id type for its vocabulary, k, codec, samples;
-2. open the cache with a manifest template that records teacher, tokenizer, corpus,
-   windowing, soft-label and storage settings; a cache built with another configuration is
-   refused (``overwrite`` starts afresh);
+1. take the cache's build lock: a second build into the same cache stops with a clear
+   error, and the lock of a build that was killed is taken over;
+2. ask the executor (this process, or a Dask cluster: ``executor.kind``) for the teacher's
+   identity, loading it where the units will run, and derive the record layout (kind of
+   label, narrowest id type for the vocabulary, k, codec, samples); open the cache with a
+   manifest template that records teacher, tokenizer, corpus, windowing, soft-label and
+   storage settings; a cache built with another configuration is refused (``overwrite``
+   starts afresh);
 3. stream the corpus as deterministic work units on this process (the driver); a unit already
    committed is skipped (its documents must still hash to what was committed), every other
    unit goes to the executor, which cuts it into windows and labels it with the teacher; each
@@ -39,6 +41,7 @@ from logitcache.pipeline.soft_labels import SoftLabelSpec
 from logitcache.pipeline.unit_task import TeacherFacts, UnitTask
 from logitcache.storage_schemas.id_codec import id_type_for_vocab
 from logitcache.storage_schemas.layout import RecordLayout
+from logitcache.storage_schemas.lock import CacheLock
 from logitcache.storage_schemas.manifest import Manifest, ShardEntry
 from logitcache.storage_schemas.shard_writer import ShardWriter
 
@@ -182,11 +185,11 @@ def build_cache(cfg: JobConfig, *, overwrite: bool = False, progress: bool = Tru
     with contextlib.ExitStack() as stack:
         if executor is None:
             executor = stack.enter_context(make_executor(cfg.executor))
+        lock = stack.enter_context(CacheLock(cfg.cache))  # one build at a time per cache
 
-        # 1. the teacher (loaded where the units run) and the record layout
+        # 2. the teacher (loaded where the units run), the record layout and the cache
         teacher = executor.teacher_facts(cfg.teacher)
         layout = record_layout(cfg, teacher)
-        # 2. the cache, refusing one built with another configuration
         writer = ShardWriter(cfg.cache, template=manifest_template(cfg, teacher, layout), overwrite=overwrite)
         committed = {unit_id: writer.manifest.shard_for_unit(unit_id) for unit_id in writer.committed_units}
         task = unit_task(cfg, teacher, layout)
@@ -216,6 +219,7 @@ def build_cache(cfg: JobConfig, *, overwrite: bool = False, progress: bool = Tru
                                                          f"{unit.first_row + unit.num_rows - 1}: {outcome.error}"
                     continue
                 stats = labelled.stats
+                lock.ensure_held()
                 _count(summary.skipped_documents, {"no_tokens": labelled.no_tokens} if labelled.no_tokens else {})
                 committer.submit(labelled.block, unit_id=unit.unit_id, stats={
                     **stats, "unit_fingerprint": unit.fingerprint, "source": unit.source,

@@ -12,7 +12,7 @@ import torch
 
 from logitcache.errors import LogitcacheError
 from logitcache.pipeline.corpus import iter_work_units
-from logitcache.pipeline.executor import DaskExecutor, ExecutorError
+from logitcache.pipeline.executor import DaskExecutor, ExecutorError, preserved_environment
 from logitcache.stages.build_cache import BuildIncompleteError, build_cache
 from logitcache.storage_schemas.shard_reader import CacheReader
 from logitcache.storage_schemas.verify import verify_cache
@@ -31,7 +31,7 @@ _THREADS = max(1, (os.cpu_count() or 1) // 2)
 
 @pytest.fixture(scope="module")
 def client():
-    with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None,
+    with preserved_environment(), distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None,
                                   scheduler_kwargs={"dashboard": False},
                                   env={"OMP_NUM_THREADS": _THREADS}) as cluster, \
             distributed.Client(cluster) as dask_client:
@@ -72,7 +72,9 @@ def unit_ids(cfg) -> list[str]:
 def test_a_local_dask_cluster_from_the_config_builds_the_local_executors_cache(tmp_path, corpus_dir,
                                                                                 tiny_causal_lm_dir, local_cache):
     cfg = dask_job(tmp_path / "cache", corpus_dir, tiny_causal_lm_dir, n_workers=2)
+    environment = dict(os.environ)
     summary = build_cache(cfg, progress=False)
+    assert dict(os.environ) == environment  # dask's worker settings do not leak into the driver
     assert summary.units_built == len(unit_ids(cfg)) >= 4
     assert_same_cache(tmp_path / "cache", local_cache)
 
