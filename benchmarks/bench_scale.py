@@ -7,6 +7,9 @@ Three executors build the same corpus into a fresh cache, ``--repeats`` times ea
 - **dask x1**: a ``LocalCluster`` of 1 worker process (1 task thread, ``--threads`` torch threads);
 - **dask x2**: 2 worker processes (1 task thread and ``--threads // 2`` torch threads each).
 
+Worker torch threads are set the way the executor's own local cluster sets them
+(``LOGITCACHE_TORCH_THREADS`` in the workers' environment).
+
 Before the clock starts, every executor has its cluster up and its teacher loaded in every
 worker (``client.run(teacher_in_process, ...)``), and one warm-up build over a small corpus has
 run; those one-time costs (cluster start, teacher load) are timed separately. A timed run is
@@ -61,7 +64,7 @@ import logitcache  # noqa: E402
 from logitcache.config import JobConfig, config_from_dict  # noqa: E402
 from logitcache.pipeline.corpus import iter_work_units  # noqa: E402
 from logitcache.pipeline.executor import DaskExecutor, LocalExecutor  # noqa: E402
-from logitcache.pipeline.unit_task import teacher_in_process  # noqa: E402
+from logitcache.pipeline.unit_task import THREADS_ENV, teacher_in_process  # noqa: E402
 from logitcache.stages.build_cache import build_cache  # noqa: E402
 from logitcache.storage_schemas.shard_reader import CacheReader  # noqa: E402
 from tests.fixtures_models import build_tiny_causal_lm, build_tiny_tokenizer  # noqa: E402
@@ -114,7 +117,7 @@ def make_executor(name: str, cfg: JobConfig, threads: int):
     per_worker = max(1, threads // workers)
     cluster = LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=None,
                            scheduler_kwargs={"dashboard": False},
-                           env={"OMP_NUM_THREADS": per_worker, "MKL_NUM_THREADS": per_worker})
+                           env={THREADS_ENV: per_worker})
     client = Client(cluster)
     client.run(teacher_in_process, cfg.teacher)
     executor = DaskExecutor(cfg.executor, client=client)
@@ -127,16 +130,16 @@ def close(executor) -> None:
         thing.close()
 
 
-def timed_build(cfg: JobConfig, executor) -> tuple[float, float]:
-    """Seconds of one build into a fresh cache, and the mean commit seconds per unit."""
+def timed_build(cfg: JobConfig, executor) -> tuple[float, float, int]:
+    """Seconds of one build into a fresh cache, the mean commit seconds per unit, and the tokens."""
     shutil.rmtree(cfg.cache, ignore_errors=True)
     started = time.perf_counter()
     build_cache(cfg, progress=False, executor=executor)
     seconds = time.perf_counter() - started
-    shards = CacheReader(cfg.cache).manifest.shards
-    write = statistics.fmean(s.stats["write_seconds"] for s in shards)
+    manifest = CacheReader(cfg.cache).manifest
+    write = statistics.fmean(s.stats["write_seconds"] for s in manifest.shards)
     shutil.rmtree(cfg.cache, ignore_errors=True)
-    return seconds, write
+    return seconds, write, manifest.total_tokens
 
 
 def streaming_seconds_per_unit(cfg: JobConfig) -> float:
@@ -157,12 +160,8 @@ def measure(teacher: str, model: Path, corpus: Path, warmup: Path, work: Path, a
             units = sum(1 for _ in iter_work_units(cfg.corpus))
             run = Run(teacher=teacher, executor=name, units=units, tokens=0, setup_seconds=setup)
             for _ in range(args.repeats):
-                seconds, write = timed_build(cfg, executor)
+                seconds, run.write_seconds, run.tokens = timed_build(cfg, executor)
                 run.seconds.append(seconds)
-                run.write_seconds = write
-            build_cache(cfg, progress=False, executor=executor)
-            run.tokens = CacheReader(cfg.cache).manifest.total_tokens
-            shutil.rmtree(cfg.cache, ignore_errors=True)
             if name == "local":
                 stream = streaming_seconds_per_unit(cfg)
         finally:
@@ -206,7 +205,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--teachers", default="tiny,110m")
     parser.add_argument("--tiny-tokens", type=int, default=60_000)
-    parser.add_argument("--big-tokens", type=int, default=24_000)
+    parser.add_argument("--big-tokens", type=int, default=12_000)
     parser.add_argument("--unit-documents", type=int, default=8)
     parser.add_argument("--max-length", type=int, default=256)
     parser.add_argument("--batch-tokens", type=int, default=4096)

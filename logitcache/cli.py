@@ -13,6 +13,7 @@ Exit codes: 0 success, 1 failure of the job (e.g. ``verify`` found a bad shard),
 from __future__ import annotations
 
 import json
+import os
 from typing import Any
 
 import click
@@ -111,6 +112,7 @@ def build(config: str, overrides: tuple[str, ...], overwrite: bool, as_json: boo
     from logitcache.config import load_config
     from logitcache.stages.build_cache import build_cache
 
+    _refuse_torchrun("build")
     summary = build_cache(load_config(config, overrides), overwrite=overwrite, progress=not no_progress)
     if as_json:
         _print_json(summary.to_dict())
@@ -130,11 +132,16 @@ def train(config: str, overrides: tuple[str, ...], resume: bool, as_json: bool, 
     Checkpoints (every train.save_every batches and at the end) hold all students and the
     reader's position; running the same CONFIG again resumes exactly where the newest one
     stopped. Ends with an evaluation on the held-out split and a report.
+
+    Data-parallel over N processes: torchrun --nproc_per_node=N -m logitcache train CONFIG
+    (each rank reads its own part of the cache; rank 0 logs, evaluates and saves).
     """
     from logitcache.config import load_config
     from logitcache.stages.train_students import train_students
 
     summary = train_students(load_config(config, overrides), resume=resume, progress=not no_progress)
+    if summary.rank != 0:  # under torchrun, rank 0 speaks for the run
+        return
     if as_json:
         _print_json(summary.to_dict())
     else:
@@ -193,11 +200,22 @@ def run(config: str | None, overrides: tuple[str, ...], overwrite: bool, as_json
     from logitcache.config import load_config
     from logitcache.stages.run_job import default_job, run_job
 
+    _refuse_torchrun("run")
     cfg = load_config(config, overrides, default=default_job())
     summary = run_job(cfg, overwrite=overwrite, progress=not no_progress,
                       echo=(lambda text: click.echo(text, err=True)) if as_json else click.echo)
     if as_json:
         _print_json(summary.to_dict())
+
+
+def _refuse_torchrun(command: str) -> None:
+    """Stage one has one driver; under torchrun every rank would build the same cache."""
+    world = os.environ.get("WORLD_SIZE", "1")
+    if world.isdigit() and int(world) > 1:
+        raise click.UsageError(
+            f"`logitcache {command}` runs as one process (WORLD_SIZE is {world} here: started by torchrun?). "
+            "Run it without torchrun; to spread stage one over many workers or GPUs use executor.kind: dask "
+            "(docs/scale.md). Only `logitcache train` runs under torchrun.")
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -178,3 +178,10 @@ def test_every_command_has_help_and_a_line_in_the_readme():
         result = runner.invoke(main, [name, "--help"])
         assert result.exit_code == 0 and "Usage:" in result.output, name
         assert f"| `logitcache {name}" in readme, f"README's command table lacks {name}"
+
+
+@pytest.mark.parametrize("command", [["build", "job.yaml"], ["run"]])
+def test_stage_one_refuses_to_run_once_per_torchrun_rank(command, tmp_path):
+    result = CliRunner().invoke(main, command, env={"WORLD_SIZE": "2"})
+    assert result.exit_code == 2
+    assert "runs as one process (WORLD_SIZE is 2" in result.output and "executor.kind: dask" in result.output

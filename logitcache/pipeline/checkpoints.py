@@ -3,9 +3,12 @@
 A checkpoint is a directory ``<output>/checkpoints/step-<batches>/`` holding, per student,
 the model (``save_pretrained``) and its run state (optimizer, schedule, counters, pending
 gradients), plus ``trainer.json``: the batches read, the reader's resume state, the torch
-RNG state digest and a digest of each student's config. It is written under a temporary
-name and renamed into place, so a run killed while saving leaves the previous checkpoint
-as the latest complete one. Only the newest ``keep`` checkpoints are kept.
+RNG state (under torchrun, every rank's, as ``rank_rng``) and a digest of each student's
+config. Under torchrun only rank 0 writes, after the ranks' pending gradients and reader
+states are gathered to it (see ``StudentRun.gather_pending``, ``CacheDataset.merge_states``).
+It is written under a temporary name and renamed into place, so a run killed while saving
+leaves the previous checkpoint as the latest complete one. Only the newest ``keep``
+checkpoints are kept.
 """
 
 from __future__ import annotations
@@ -87,9 +90,19 @@ class CheckpointStore:
             shutil.rmtree(path, ignore_errors=True)
 
 
-def restore_rng(trainer: dict[str, Any]) -> None:
-    if "torch_rng" in trainer:
-        torch.set_rng_state(torch.tensor(trainer["torch_rng"], dtype=torch.uint8))
+def restore_rng(trainer: dict[str, Any], *, rank: int = 0, world_size: int = 1) -> bool:
+    """Restore this process's torch RNG from a checkpoint's trainer state: its own rank's when
+    the checkpoint was written by as many ranks (``rank_rng``), else the writer's (rank 0's)
+    on rank 0. False when there is none for this rank: the caller seeds it afresh."""
+    per_rank = trainer.get("rank_rng")
+    if per_rank is not None and len(per_rank) == world_size:
+        state = per_rank[rank]
+    elif rank == 0 and "torch_rng" in trainer:
+        state = trainer["torch_rng"]
+    else:
+        return False
+    torch.set_rng_state(torch.tensor(state, dtype=torch.uint8))
+    return True
 
 
 def check_resumable(checkpoint: Checkpoint, *, digests: dict[str, str]) -> None:

@@ -32,6 +32,7 @@ from logitcache.config import ExecutorConfig, TeacherConfig
 from logitcache.errors import LogitcacheError
 from logitcache.pipeline.corpus import WorkUnit
 from logitcache.pipeline.unit_task import (
+    THREADS_ENV,
     LabelledUnit,
     TeacherFacts,
     UnitTask,
@@ -131,9 +132,9 @@ class DaskExecutor:
                 n_workers=cfg.n_workers, threads_per_worker=cfg.threads_per_worker, processes=True,
                 dashboard_address=None, scheduler_kwargs={"dashboard": False},
                 resources=dict(cfg.task_resources) or None,
-                # dask pins numeric libraries to one thread per worker; the teacher's forward
-                # should use this worker's share of the cores instead
-                env={"OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads},
+                # dask starts workers with numeric libraries pinned to one thread; the teacher's
+                # forward should use this worker's share of the cores instead
+                env={THREADS_ENV: threads},
             )
 
     @property

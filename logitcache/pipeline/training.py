@@ -7,6 +7,14 @@ batches, and counters. A run's whole state (model aside, which is saved with
 ``save_pretrained``) round-trips through :meth:`StudentRun.state_dict`, including gradients
 accumulated from a batch in the middle of an accumulation, so a resumed run takes exactly
 the steps an uninterrupted one would.
+
+Under torchrun (``ranks.distributed``) every rank runs the same steps on its own batches and
+the run trains on their union: each rank scales its loss by its share of the union's
+labelled positions (:func:`union_share`), gradients and the log window are summed over
+ranks before each optimizer step, and the counters (tokens, positions) count all ranks.
+Before a checkpoint, :meth:`StudentRun.gather_pending` sums the pending gradients onto rank
+0 (the others' become empty), so the saved state is the union's, which any number of ranks
+resumes: rank 0 loads it, the others start their share from zero.
 """
 
 from __future__ import annotations
@@ -22,6 +30,7 @@ from torch import Tensor
 
 from logitcache.config import OptimizerConfig
 from logitcache.pipeline.collate import SequenceBatch, TokenBatch, pad_sequences
+from logitcache.pipeline.distributed import Ranks
 from logitcache.pipeline.losses import (
     LossOutput,
     SparseTargets,
@@ -32,6 +41,8 @@ from logitcache.pipeline.students import Student
 
 #: Fraction of the peak learning rate that the cosine and linear schedules decay to.
 FINAL_LR_FRACTION = 0.1
+#: What the log window sums between optimizer steps; all of it adds up over ranks.
+_WINDOW_KEYS = ("loss", "kd", "ce", "batches", "positions", "tokens")
 
 
 def lr_factor(step: int, *, cfg: OptimizerConfig, total_steps: int) -> float:
@@ -126,52 +137,78 @@ def sequence_batch_loss(student: Student, batch: SequenceBatch, texts: StudentTe
     return sequence_distillation_loss(logits, teacher, labels, cfg=student.cfg.loss)
 
 
+def union_share(out: LossOutput, *, kd_positions: float, ce_positions: float, alpha: float) -> LossOutput:
+    """This rank's part of the loss of the union of all ranks' batches, which hold
+    ``kd_positions`` labelled positions and ``ce_positions`` hard targets in all: the rank's
+    means weighted by its share of each count, so that the parts (and their gradients) sum
+    over ranks to the union's loss (and gradient)."""
+    kd = out.kd * (out.kd_positions / max(kd_positions, 1.0))
+    ce = out.ce * (out.ce_positions / max(ce_positions, 1.0))
+    return LossOutput(total=alpha * kd + (1.0 - alpha) * ce, kd=kd, ce=ce,
+                      kd_positions=out.kd_positions, ce_positions=out.ce_positions)
+
+
 @dataclass(kw_only=True)
 class StudentRun:
-    """Training state of one student across batches."""
+    """Training state of one student across batches (on one rank, see the module docstring)."""
 
     student: Student
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LambdaLR
     total_steps: int
     texts: StudentTexts | None = None
+    ranks: Ranks | None = None  # None: a single process
     step: int = 0  # optimizer steps taken
     micro: int = 0  # batches accumulated since the last step
-    tokens: int = 0  # tokens read by this student
+    tokens: int = 0  # tokens read by this student (all ranks) up to the last step
     seconds: float = 0.0  # time spent in this student's forward/backward/step
     window: dict[str, float] = field(default_factory=dict)  # sums over the current accumulation
 
+    def __post_init__(self) -> None:
+        if self.ranks is None:
+            self.ranks = Ranks(device=self.student.device)
+
     @classmethod
-    def create(cls, student: Student, *, total_steps: int, texts: StudentTexts | None = None) -> StudentRun:
+    def create(cls, student: Student, *, total_steps: int, texts: StudentTexts | None = None,
+               ranks: Ranks | None = None) -> StudentRun:
         optimizer = make_optimizer(student.model, student.cfg.optimizer)
         scheduler = torch.optim.lr_scheduler.LambdaLR(
             optimizer, lambda s: lr_factor(s, cfg=student.cfg.optimizer, total_steps=total_steps))
-        return cls(student=student, optimizer=optimizer, scheduler=scheduler, total_steps=total_steps, texts=texts)
+        return cls(student=student, optimizer=optimizer, scheduler=scheduler, total_steps=total_steps, texts=texts,
+                   ranks=ranks)
 
     @property
     def done(self) -> bool:
         return self.step >= self.total_steps
 
-    def train_on(self, batch: TokenBatch | SequenceBatch) -> dict[str, float] | None:
+    def train_on(self, batch: TokenBatch | SequenceBatch | None) -> dict[str, float] | None:
         """Forward and backward on one batch; returns the step's log row when an optimizer step
-        was taken, else None."""
+        was taken, else None. Under torchrun every rank calls this for the same batch index,
+        with None where its stream has run dry."""
         start = time.perf_counter()
         student = self.student
+        out = None
         if isinstance(batch, TokenBatch):
             out = token_batch_loss(student, batch)
-        else:
+        elif batch is not None:
             out = sequence_batch_loss(student, batch, self.texts)
+        counted = out is not None  # whether the batch (of any rank) adds to the log's mean
+        if self.ranks.distributed:
+            out, counted = self._union_part(out)
         accum = student.cfg.grad_accum
         if out is not None:
             (out.total / accum).backward()
             for name, value in (("loss", out.total), ("kd", out.kd), ("ce", out.ce)):
                 self.window[name] = self.window.get(name, 0.0) + float(value.detach())
-            self.window["batches"] = self.window.get("batches", 0.0) + 1
             self.window["positions"] = self.window.get("positions", 0.0) + out.kd_positions
-        self.tokens += batch.tokens
+        if counted and self.ranks.is_main:
+            self.window["batches"] = self.window.get("batches", 0.0) + 1
+        self.window["tokens"] = self.window.get("tokens", 0) + (0 if batch is None else batch.tokens)
         self.micro += 1
         row = None
         if self.micro == accum:
+            if self.ranks.distributed:
+                self.window = self._summed_window()
             torch.nn.utils.clip_grad_norm_(student.model.parameters(), 1.0)
             lr = self.optimizer.param_groups[0]["lr"]
             self.optimizer.step()
@@ -179,6 +216,7 @@ class StudentRun:
             self.optimizer.zero_grad(set_to_none=True)
             self.step += 1
             self.micro = 0
+            self.tokens += int(round(self.window.pop("tokens", 0)))
             batches = max(1.0, self.window.pop("batches", 0.0))
             row = {"step": self.step, **{k: self.window[k] / batches for k in ("loss", "kd", "ce") if k in self.window},
                    "lr": lr, "tokens": self.tokens, "positions": int(self.window.get("positions", 0))}
@@ -187,6 +225,38 @@ class StudentRun:
         if row is not None:
             row["seconds"] = round(self.seconds, 3)
         return row
+
+    def _union_part(self, out: LossOutput | None) -> tuple[LossOutput | None, bool]:
+        """This rank's share of the union batch's loss, and whether any rank had a loss."""
+        mine = [0.0, 0.0, 0.0] if out is None else [out.kd_positions, out.ce_positions, 1.0]
+        kd_positions, ce_positions, losses = self.ranks.sum_values(mine)
+        if out is None:
+            return None, losses > 0
+        return union_share(out, kd_positions=kd_positions, ce_positions=ce_positions,
+                           alpha=self.student.cfg.loss.alpha), True
+
+    def _summed_window(self) -> dict[str, float]:
+        """Sum the pending gradients and the log window over ranks (every rank gets the sums)."""
+        sums = self.ranks.sum_gradients(self.student.model.parameters(),
+                                        extras=[self.window.get(k, 0.0) for k in _WINDOW_KEYS])
+        window = dict(zip(_WINDOW_KEYS, sums, strict=True))
+        if not window["batches"]:  # no rank had a loss: log no loss, as one process would
+            for key in ("loss", "kd", "ce"):
+                del window[key]
+        return window
+
+    def gather_pending(self) -> None:
+        """Before a checkpoint under torchrun: move the gradients and log window accumulated
+        since the last step, summed over ranks, onto rank 0 (the other ranks' become empty),
+        so that rank 0's :meth:`state_dict` is the whole run's and resumes with any world size."""
+        if not self.ranks.distributed or not self.micro:
+            return
+        window = self._summed_window()
+        if self.ranks.is_main:
+            self.window = window
+        else:
+            self.window = {}
+            self.student.model.zero_grad(set_to_none=True)
 
     def state_dict(self) -> dict[str, Any]:
         grads = None
@@ -197,11 +267,14 @@ class StudentRun:
                 "scheduler": self.scheduler.state_dict(), "pending_grads": grads}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Resume from a saved state; under torchrun its pending gradients and log window (the
+        whole run's, see :meth:`gather_pending`) go to rank 0 only."""
         self.step, self.micro, self.tokens = state["step"], state["micro"], state["tokens"]
-        self.seconds, self.window = state["seconds"], dict(state["window"])
+        self.seconds = state["seconds"]
+        self.window = dict(state["window"]) if self.ranks.is_main else {}
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         grads = state.get("pending_grads")
-        if grads is not None:
+        if grads is not None and self.ranks.is_main:
             for param, grad in zip(self.student.model.parameters(), grads, strict=True):
                 param.grad = None if grad is None else grad.to(param.device)

@@ -24,6 +24,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from logitcache.config import TeacherConfig, WindowsConfig, config_to_dict
 from logitcache.errors import TeacherError
 from logitcache.pipeline.corpus import WorkUnit
@@ -38,6 +40,9 @@ from logitcache.storage_schemas.records import RecordBlock
 __all__ = ["TeacherFacts", "UnitTask", "LabelledUnit", "teacher_in_process", "teacher_facts_in_process",
            "label_work_unit"]
 
+#: torch intra-op threads for unit tasks in this process, when set (the local Dask cluster sets
+#: it for its workers: dask starts worker processes with OMP_NUM_THREADS=1, before torch loads)
+THREADS_ENV = "LOGITCACHE_TORCH_THREADS"
 _lock = threading.Lock()
 _kept: dict[str, Teacher] = {}  # at most one teacher per process
 
@@ -97,8 +102,15 @@ def _model_files_signature(model: str) -> list[tuple[str, int, int]] | None:
     return sorted((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in local.iterdir() if p.is_file())
 
 
+def _apply_thread_setting() -> None:
+    wanted = os.environ.get(THREADS_ENV, "")
+    if wanted.isdigit() and int(wanted) > 0 and torch.get_num_threads() != int(wanted):
+        torch.set_num_threads(int(wanted))
+
+
 def teacher_in_process(cfg: TeacherConfig) -> Teacher:
     """The teacher of ``cfg``, loaded on first use in this process and kept for later units."""
+    _apply_thread_setting()
     key = fingerprint({"config": config_to_dict(cfg), "files": _model_files_signature(cfg.model)})
     with _lock:
         teacher = _kept.get(key)

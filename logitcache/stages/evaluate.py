@@ -47,8 +47,9 @@ def evaluate_students(cfg: JobConfig, students: dict[str, Student], *, texts: di
     layout = reader.layout
     fraction = cfg.eval.held_out_fraction
     split = "eval" if fraction > 0 else "all"
+    # the whole split, also when called on rank 0 of a torchrun job (the reader would take its rank's share)
     dataset = CacheDataset(cfg.cache, seed=cfg.train.seed, epochs=1, shuffle_buffer=0, split=split,
-                           held_out_fraction=fraction, languages=cfg.train.languages)
+                           held_out_fraction=fraction, languages=cfg.train.languages, rank=0, world_size=1)
     length = int(reader.manifest.windows.get("max_length") or cfg.windows.max_length)
     rows = rows_for(cfg.train.batch_tokens, length)
     texts = texts or {}

@@ -14,6 +14,14 @@ The recipe, top to bottom:
    reader's position; a later run with the same config resumes from the newest one exactly;
 5. evaluate on the held-out split every ``eval_every`` steps and at the end, save each
    final model to ``<output>/<student>/final`` and write the report.
+
+Under torchrun (``torchrun --nproc_per_node=N -m logitcache train CONFIG``) the same recipe
+runs on every rank (see :mod:`logitcache.pipeline.distributed`): the students start from
+rank 0's weights, each rank reads its own windows of the cache, every step trains on the
+union of the ranks' batches (gradients summed over ranks), and the ranks stop together when
+all of them run dry. Rank 0 alone logs, draws bars, evaluates and writes checkpoints (with
+every rank's reader state merged, so any world size resumes from them), final models and
+the report.
 """
 
 from __future__ import annotations
@@ -30,13 +38,18 @@ from tqdm.auto import tqdm
 
 from logitcache.config import JobConfig
 from logitcache.errors import ConfigError, StudentError
-from logitcache.pipeline.checkpoints import CheckpointStore, check_resumable, restore_rng
+from logitcache.pipeline.checkpoints import (
+    Checkpoint,
+    CheckpointStore,
+    check_resumable,
+    restore_rng,
+)
 from logitcache.pipeline.collate import PackedBatches, SequencePacker, TokenPacker, rows_for
 from logitcache.pipeline.corpus import paired_texts
 from logitcache.pipeline.dataset import CacheDataset
+from logitcache.pipeline.distributed import Ranks, data_parallel, rank_seed
 from logitcache.pipeline.losses import check_loss_supported
 from logitcache.pipeline.students import Student, build_student, config_digest, shared_pad_id
-from logitcache.pipeline.teacher import resolve_device
 from logitcache.pipeline.training import StudentRun, StudentTexts
 from logitcache.pipeline.windows import record_id_for, tokenize
 from logitcache.stages.evaluate import evaluate_students, write_students_report
@@ -51,13 +64,17 @@ class TrainSummary:
     seconds: float = 0.0
     students: dict[str, dict[str, Any]] = field(default_factory=dict)  # name -> steps, tokens, eval
     report: str | None = None
+    world_size: int = 1  # ranks that trained (torchrun); batches are per rank
+    rank: int = 0  # the rank this summary is from; only rank 0's has evaluation and report
 
     def to_dict(self) -> dict[str, Any]:
         return {"output": self.output, "batches": self.batches, "resumed_from": self.resumed_from,
-                "seconds": round(self.seconds, 2), "students": self.students, "report": self.report}
+                "seconds": round(self.seconds, 2), "students": self.students, "report": self.report,
+                "world_size": self.world_size}
 
     def format(self) -> str:
-        lines = [f"trained {len(self.students)} student(s) over {self.batches} batches in {self.seconds:.1f} s"
+        ranks = f" per rank on {self.world_size} ranks" if self.world_size > 1 else ""
+        lines = [f"trained {len(self.students)} student(s) over {self.batches} batches{ranks} in {self.seconds:.1f} s"
                  + (f" (resumed from batch {self.resumed_from})" if self.resumed_from else "")]
         for name, info in self.students.items():
             ev = (info.get("eval") or {}).get("all") or {}
@@ -71,9 +88,18 @@ class TrainSummary:
 
 
 def train_students(cfg: JobConfig, *, resume: bool = True, progress: bool = True) -> TrainSummary:
-    """Train ``cfg.students`` from ``cfg.cache``; see the module docstring for the steps."""
+    """Train ``cfg.students`` from ``cfg.cache``; see the module docstring for the steps.
+
+    Under torchrun every rank calls this and gets a summary; only rank 0's (``rank == 0``)
+    holds the evaluation and the report."""
     cfg.require_train_sections()
+    with data_parallel(cfg.train.device) as ranks:
+        return _train(cfg, ranks=ranks, resume=resume, progress=progress)
+
+
+def _train(cfg: JobConfig, *, ranks: Ranks, resume: bool, progress: bool) -> TrainSummary:
     started = time.perf_counter()
+    progress = progress and ranks.is_main
     if not progress:  # save_pretrained draws bars of its own
         from transformers.utils import logging as transformers_logging
 
@@ -92,30 +118,38 @@ def train_students(cfg: JobConfig, *, resume: bool = True, progress: bool = True
         except ConfigError as error:
             raise ConfigError(f"students[{index}].loss: {error}") from None
 
-    # 2. the students
-    device = resolve_device(train.device)
+    # 2. the students (under torchrun: rank 0's initial weights on every rank, and a torch RNG
+    # of its own per rank, for dropout)
+    device = ranks.device
     students = [build_student(s, manifest=manifest, device=device, seed=train.seed) for s in cfg.students]
+    for student in students:
+        ranks.broadcast_module(student.model)
+    if ranks.distributed:
+        torch.manual_seed(rank_seed(train.seed, ranks.rank))
     texts = {s.name: own_texts(cfg, s) for s in students if s.reads_text}
-    runs = {s.name: StudentRun.create(s, total_steps=train.steps, texts=texts.get(s.name)) for s in students}
+    runs = {s.name: StudentRun.create(s, total_steps=train.steps, texts=texts.get(s.name), ranks=ranks)
+            for s in students}
     digests = {s.name: config_digest(s.cfg) for s in students}
 
     # 3. the reader, resumed where the newest checkpoint stopped
     dataset = CacheDataset(cfg.cache, seed=train.seed, epochs=None, shuffle_buffer=train.shuffle_buffer,
                            split="train", held_out_fraction=cfg.eval.held_out_fraction,
-                           languages=train.languages, lang_alpha=train.lang_alpha)
+                           languages=train.languages, lang_alpha=train.lang_alpha,
+                           rank=ranks.rank, world_size=ranks.world_size)
     store = CheckpointStore(output)
-    summary = TrainSummary(output=str(output))
+    summary = TrainSummary(output=str(output), world_size=ranks.world_size, rank=ranks.rank)
     batches = 0
-    checkpoint = store.latest() if resume else None
+    checkpoint = _shared_latest(store, ranks) if resume else None
     if checkpoint is not None:
         check_resumable(checkpoint, digests=digests)
         for name, run in runs.items():
             run.student.model.load_state_dict(_saved_model(checkpoint.student_dir(name), run.student).state_dict())
             run.load_state_dict(checkpoint.run_state(name))
         dataset.load_state_dict(checkpoint.trainer["dataset"])
-        restore_rng(checkpoint.trainer)
+        if not restore_rng(checkpoint.trainer, rank=ranks.rank, world_size=ranks.world_size):
+            torch.manual_seed(rank_seed(train.seed, ranks.rank, batches=checkpoint.batches))
         batches = summary.resumed_from = checkpoint.batches
-    elif not resume and output.exists():
+    elif not resume and output.exists() and ranks.is_main:
         for name in runs:
             (output / name / "metrics.jsonl").unlink(missing_ok=True)
 
@@ -126,26 +160,39 @@ def train_students(cfg: JobConfig, *, resume: bool = True, progress: bool = True
         PackedBatches(dataset, _packer(cfg, manifest, students)), batch_size=None,
         num_workers=train.num_workers, pin_memory=device.type == "cuda",
         persistent_workers=train.num_workers > 0)
-    logs = {name: _open_log(output / name) for name in runs}
+    logs = {name: _open_log(output / name) for name in runs} if ranks.is_main else {}
     bars = {name: tqdm(total=train.steps, initial=run.step, desc=name, unit="step", position=i,
                        disable=not progress, dynamic_ncols=True) for i, (name, run) in enumerate(runs.items())}
 
-    def save() -> None:
+    def save() -> None:  # on every rank; rank 0 writes
+        for run in runs.values():
+            run.gather_pending()
         trainer = {"dataset": dataset.state_dict(),
                    "students": {n: {"config_digest": digests[n], "step": r.step} for n, r in runs.items()}}
-        store.save(batches=batches, trainer=trainer, runs={n: (r.student, r) for n, r in runs.items()})
+        if ranks.distributed:
+            gathered = ranks.gather_objects((trainer["dataset"], torch.get_rng_state().tolist()))
+            trainer["dataset"] = CacheDataset.merge_states(state for state, _ in gathered)
+            trainer["rank_rng"] = [rng for _, rng in gathered]
+            trainer["world_size"] = ranks.world_size
+        if ranks.is_main:
+            store.save(batches=batches, trainer=trainer, runs={n: (r.student, r) for n, r in runs.items()})
 
     trained = not all(run.done for run in runs.values())  # False: a finished run, resumed
+    stream = iter(loader) if trained else iter(())
     try:
-        for batch in loader if trained else ():
-            dataset.observe(batch.cursors)
-            batch = batch.to(device, non_blocking=True)
+        while trained:
+            batch = next(stream, None)
+            if not ranks.any(batch is not None):  # under torchrun: a dry rank goes on adding nothing
+                break
+            if batch is not None:
+                dataset.observe(batch.cursors)
+                batch = batch.to(device, non_blocking=True)
             batches += 1
             for name, run in runs.items():
                 if run.done:
                     continue
                 row = run.train_on(batch)
-                if row is None:
+                if row is None or not ranks.is_main:
                     continue
                 _log(logs[name], row)
                 bars[name].update(1)
@@ -164,8 +211,15 @@ def train_students(cfg: JobConfig, *, resume: bool = True, progress: bool = True
                            "or filtered out by train.languages?); lower eval.held_out_fraction or widen the filter")
     if trained:
         save()
+    missing = dict(zip(texts, ranks.sum_values([runs[n].texts.missing for n in texts]), strict=True))
+    ranks.barrier()  # the final checkpoint is complete before any rank returns
+    summary.batches = batches
+    if not ranks.is_main:
+        summary.students = {n: {"steps": r.step, "tokens": r.tokens} for n, r in runs.items()}
+        summary.seconds = time.perf_counter() - started
+        return summary
 
-    # 5. final models, evaluation, report
+    # 5. final models, evaluation, report (rank 0)
     finals = {}
     for name, run in runs.items():
         final = output / name / "final"
@@ -177,9 +231,8 @@ def train_students(cfg: JobConfig, *, resume: bool = True, progress: bool = True
     for name, run in runs.items():
         summary.students[name] = {"steps": run.step, "tokens": run.tokens, "seconds": round(run.seconds, 2),
                                   "final": str(output / name / "final"), "eval": evaluation.get(name)}
-        if run.texts is not None and run.texts.missing:
-            summary.students[name]["records_without_text"] = run.texts.missing
-    summary.batches = batches
+        if missing.get(name):
+            summary.students[name]["records_without_text"] = int(missing[name])
     summary.report = str(write_students_report(cfg, finals, evaluation))
     summary.seconds = time.perf_counter() - started
     (output / "train_summary.json").write_text(json.dumps(summary.to_dict(), indent=2, default=str), encoding="utf-8")
@@ -206,6 +259,16 @@ def _packer(cfg: JobConfig, manifest, students: list[Student]) -> TokenPacker | 
     if layout.is_token_level:
         return TokenPacker(layout, rows=rows, length=length, pad_id=pad_id)
     return SequencePacker(layout, rows=rows, pad_id=pad_id)
+
+
+def _shared_latest(store: CheckpointStore, ranks: Ranks) -> Checkpoint | None:
+    """The newest checkpoint, which every rank must see the same."""
+    checkpoint = store.latest()
+    seen = ranks.gather_objects(None if checkpoint is None else checkpoint.path.name)
+    if len(set(seen)) > 1:
+        raise StudentError(f"the ranks see different newest checkpoints under {store.root} ({seen}, by rank); "
+                           "train.output must be one directory that every rank shares (a shared filesystem)")
+    return checkpoint
 
 
 def _saved_model(directory: Path, student: Student):

@@ -12,7 +12,13 @@ import torch
 
 from logitcache.errors import LogitcacheError
 from logitcache.pipeline.corpus import iter_work_units
-from logitcache.pipeline.executor import DaskExecutor, ExecutorError, preserved_environment
+from logitcache.pipeline.executor import (
+    DaskExecutor,
+    ExecutorError,
+    make_executor,
+    preserved_environment,
+)
+from logitcache.pipeline.unit_task import THREADS_ENV
 from logitcache.stages.build_cache import BuildIncompleteError, build_cache
 from logitcache.storage_schemas.shard_reader import CacheReader
 from logitcache.storage_schemas.verify import verify_cache
@@ -33,7 +39,7 @@ _THREADS = max(1, (os.cpu_count() or 1) // 2)
 def client():
     with preserved_environment(), distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None,
                                   scheduler_kwargs={"dashboard": False},
-                                  env={"OMP_NUM_THREADS": _THREADS}) as cluster, \
+                                  env={THREADS_ENV: _THREADS}) as cluster, \
             distributed.Client(cluster) as dask_client:
         yield dask_client
 
@@ -73,8 +79,11 @@ def test_a_local_dask_cluster_from_the_config_builds_the_local_executors_cache(t
                                                                                 tiny_causal_lm_dir, local_cache):
     cfg = dask_job(tmp_path / "cache", corpus_dir, tiny_causal_lm_dir, n_workers=2)
     environment = dict(os.environ)
-    summary = build_cache(cfg, progress=False)
+    with make_executor(cfg.executor) as executor:
+        summary = build_cache(cfg, progress=False, executor=executor)
+        threads = executor.client.run(torch.get_num_threads)
     assert dict(os.environ) == environment  # dask's worker settings do not leak into the driver
+    assert list(threads.values()) == [_THREADS, _THREADS]  # each worker has its share of the cores
     assert summary.units_built == len(unit_ids(cfg)) >= 4
     assert_same_cache(tmp_path / "cache", local_cache)
 
