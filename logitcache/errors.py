@@ -37,6 +37,10 @@ class CorruptShardError(LogitcacheError):
     """A committed shard does not match what the manifest says about it."""
 
 
+class CacheWriteError(LogitcacheError):
+    """Writing to the cache failed (a full disk, no permission); committed shards stay intact."""
+
+
 class VocabularyTooLargeError(ConfigError):
     """A vocabulary does not fit the widest token-id type the format has."""
 

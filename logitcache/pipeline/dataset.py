@@ -47,7 +47,8 @@ from typing import Any, Literal
 import numpy as np
 from torch.utils.data import IterableDataset, get_worker_info
 
-from logitcache.errors import ConfigError, IncompatibleCacheError
+from logitcache.errors import ConfigError, CorruptShardError, IncompatibleCacheError
+from logitcache.pipeline.shard_checks import corrupt_shard_error
 from logitcache.pipeline.windows import record_id_for
 from logitcache.storage_schemas.layout import RecordLayout
 from logitcache.storage_schemas.manifest import Manifest
@@ -122,7 +123,9 @@ class CacheDataset(IterableDataset):
     ``epochs`` is the total number of epochs (None: endless); iteration starts at the first
     epoch not yet completed (by :meth:`observe` or a loaded state). ``rank`` and
     ``world_size`` default to torch.distributed's at construction. ``verify`` checks each
-    shard's sha256 once per process before reading it.
+    shard's sha256 once per process before reading it, and stops at a bad one with an error
+    that says how to repair the cache. ``skip_shards`` (paths as the manifest lists them)
+    are never read: blocks of theirs count as holding no record.
     """
 
     def __init__(
@@ -130,6 +133,7 @@ class CacheDataset(IterableDataset):
         shuffle_buffer: int = 4096, split: Split = "all", held_out_fraction: float = 0.0,
         languages: list[str] | None = None, lang_alpha: float = 1.0,
         rank: int | None = None, world_size: int | None = None, verify: bool = False,
+        skip_shards: Iterable[str] = (),
     ) -> None:
         super().__init__()
         self._reader = cache if isinstance(cache, CacheReader) else CacheReader(cache)
@@ -140,6 +144,7 @@ class CacheDataset(IterableDataset):
         self.split, self.held_out_fraction, self.lang_alpha = split, held_out_fraction, lang_alpha
         self.languages = sorted(set(languages)) if languages is not None else None
         self.rank, self.world_size = _resolve_rank(rank, world_size)
+        self.skip_shards = frozenset(skip_shards)
         self._check_settings()
         blocks = sum(s.blocks for s in self._manifest.shards)
         mean_records = max(self._manifest.total_records / max(blocks, 1), 1e-9)
@@ -218,8 +223,8 @@ class CacheDataset(IterableDataset):
         self._block_index = np.arange(int(blocks.sum())) - np.repeat(np.cumsum(blocks) - blocks, blocks)
         kept_langs = self._lang_records()
         self._kept_in_shard = np.array(
-            [sum(c["records"] for lang, c in s.langs.items() if lang in kept_langs) for s in shards],
-            dtype=np.int64)
+            [0 if s.path in self.skip_shards else sum(c["records"] for lang, c in s.langs.items() if lang in kept_langs)
+             for s in shards], dtype=np.int64)
         self._plans: dict[int, tuple[np.ndarray, np.ndarray]] = {}
         self._verified: set[int] = set()
 
@@ -303,10 +308,17 @@ class CacheDataset(IterableDataset):
         for b in blocks.tolist():
             shard = int(self._block_shard[b])
             entry = self._manifest.shards[shard]
-            if self.verify and shard not in self._verified:
-                self._reader.check_shard(entry)
-                self._verified.add(shard)
-            parts.append(self._reader.read_block(entry, int(self._block_index[b])))
+            if entry.path in self.skip_shards:
+                continue
+            try:
+                if self.verify and shard not in self._verified:
+                    self._reader.check_shard(entry)
+                    self._verified.add(shard)
+                parts.append(self._reader.read_block(entry, int(self._block_index[b])))
+            except CorruptShardError as error:
+                raise corrupt_shard_error(str(error), cache=self._url) from None
+        if not parts:
+            return
         block = RecordBlock.concat(parts)
         rows = self._select(block, epoch)
         if self.shuffle_buffer > 0:

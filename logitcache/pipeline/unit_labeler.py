@@ -14,6 +14,14 @@ unit on another thread while this one is labelled.
 
 Sampling is seeded per unit, from (soft_labels.seed, unit id), and the batches of a unit
 are a pure function of its windows, so re-running a unit gives the same records.
+
+Out of memory. A batch whose forward runs out of device memory is split in two halves and
+each is retried (recursively, down to one window), after the device cache is emptied and
+the sampling generator rewound to where the batch started. The halves keep the batch's
+rows in order and its padded width, and sampling draws one uniform per position in
+position order, so the records are those of an unsplit run. A single window that still
+does not fit raises :class:`TeacherOutOfMemoryError`. ``UnitStats.oom_splits`` counts the
+splits.
 """
 
 from __future__ import annotations
@@ -25,7 +33,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from logitcache.pipeline.batches import collate, plan_batches
+from logitcache.errors import TeacherError
+from logitcache.pipeline.batches import Batch, collate, plan_batches
 from logitcache.pipeline.soft_labels import (
     HostLabels,
     PositionLabelsNumpy,
@@ -48,6 +57,7 @@ class UnitStats:
     positions: int = 0
     padded_tokens: int = 0
     batches: int = 0
+    oom_splits: int = 0  # batches split in two after the device ran out of memory
     forward_seconds: float = 0.0
     entropy_sum: dict[str, float] = field(default_factory=dict)  # per language, over positions
     entropy_positions: dict[str, int] = field(default_factory=dict)
@@ -55,11 +65,28 @@ class UnitStats:
     def to_dict(self) -> dict:
         return {
             "windows": self.windows, "tokens": self.tokens, "positions": self.positions,
-            "padded_tokens": self.padded_tokens, "batches": self.batches,
+            "padded_tokens": self.padded_tokens, "batches": self.batches, "oom_splits": self.oom_splits,
             "forward_seconds": round(self.forward_seconds, 4),
             "entropy_sum": {k: round(v, 4) for k, v in self.entropy_sum.items()},
             "entropy_positions": dict(self.entropy_positions),
         }
+
+
+class TeacherOutOfMemoryError(TeacherError):
+    """One window alone does not fit the device memory."""
+
+
+def is_out_of_memory(error: BaseException) -> bool:
+    return isinstance(error, torch.OutOfMemoryError) or (
+        isinstance(error, RuntimeError) and "out of memory" in str(error).lower())
+
+
+def _halves(batch: Batch) -> tuple[Batch, Batch]:
+    """The first and second half of a batch's rows, at the batch's padded width."""
+    half = len(batch.indices) // 2
+    return tuple(Batch(indices=batch.indices[rows], input_ids=batch.input_ids[rows],
+                       attention_mask=batch.attention_mask[rows], lengths=batch.lengths[rows])
+                 for rows in (slice(0, half), slice(half, None)))
 
 
 def unit_seed(base_seed: int, unit_id: str) -> int:
@@ -87,15 +114,11 @@ def label_unit(
 
     per_batch: list[tuple[np.ndarray, PositionLabelsNumpy | np.ndarray]] = []
     pending: tuple[np.ndarray, HostLabels] | None = None
-    started = time.perf_counter()
-    for indices in groups:
-        batch = collate(windows, indices, pad_id=teacher.pad_token_id)
-        stats.batches += 1
-        stats.padded_tokens += batch.padded_tokens
+
+    def forward(batch: Batch) -> tuple[np.ndarray, HostLabels | np.ndarray]:
         if layout.kind == "sequence_probs":
             class_lp = teacher.class_logprobs(batch.input_ids, batch.attention_mask)
-            per_batch.append((batch.indices, class_lp.float().cpu().numpy()))
-            continue
+            return batch.indices, class_lp.float().cpu().numpy()
         mask = _labelled_mask(batch, windows)
         owners = np.repeat(batch.indices, mask.sum(dim=1).numpy())  # window of each position
         if teacher.split_head_ok:
@@ -104,10 +127,42 @@ def label_unit(
         else:
             logits = teacher.logits(batch.input_ids, batch.attention_mask)
             labels = logits_labels(logits[mask.to(logits.device)], spec, generator=generator)
-        copy = labels.start_host_copy()
-        if pending is not None:
-            per_batch.append((pending[0], pending[1].wait()))
-        pending = (owners, copy)
+        return owners, labels.start_host_copy()
+
+    def run(batch: Batch) -> list[tuple[np.ndarray, HostLabels | np.ndarray]]:
+        """The batch's results, split into parts as often as the device memory needs."""
+        rewind = generator.get_state()
+        try:
+            done = [forward(batch)]
+        except Exception as error:  # noqa: BLE001 - only out-of-memory errors are handled
+            if not is_out_of_memory(error):
+                raise
+            if len(batch.indices) == 1:
+                raise TeacherOutOfMemoryError(
+                    f"one window of {int(batch.lengths[0])} tokens does not fit the teacher's device memory "
+                    f"even alone ({type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}); "
+                    "lower windows.max_length (and teacher.batch_tokens), or use a smaller teacher.dtype "
+                    "or a device with more memory") from None
+            del error  # drop its frames, which hold the batch's device tensors
+            if teacher.device.type == "cuda":
+                torch.cuda.empty_cache()
+            generator.set_state(rewind)
+            stats.oom_splits += 1
+            first, second = _halves(batch)
+            return run(first) + run(second)
+        stats.batches += 1
+        stats.padded_tokens += batch.padded_tokens
+        return done
+
+    started = time.perf_counter()
+    for indices in groups:
+        for owners, result in run(collate(windows, indices, pad_id=teacher.pad_token_id)):
+            if isinstance(result, np.ndarray):  # sequence_probs: already on the host
+                per_batch.append((owners, result))
+                continue
+            if pending is not None:
+                per_batch.append((pending[0], pending[1].wait()))
+            pending = (owners, result)
     if pending is not None:
         per_batch.append((pending[0], pending[1].wait()))
     stats.forward_seconds = time.perf_counter() - started

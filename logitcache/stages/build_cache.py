@@ -33,9 +33,15 @@ from typing import Any
 from tqdm.auto import tqdm
 
 from logitcache.config import JobConfig, config_fingerprint_fields, config_to_dict
-from logitcache.errors import IncompatibleCacheError, LogitcacheError
+from logitcache.errors import ConfigError, CorpusError, IncompatibleCacheError, LogitcacheError
 from logitcache.pipeline.committer import BackgroundCommitter
-from logitcache.pipeline.corpus import WorkUnit, describe_corpus, estimate_units, iter_work_units
+from logitcache.pipeline.corpus import (
+    WorkUnit,
+    describe_corpus,
+    estimate_units,
+    iter_work_units,
+    resolve_sources,
+)
 from logitcache.pipeline.executor import Executor, make_executor
 from logitcache.pipeline.soft_labels import SoftLabelSpec
 from logitcache.pipeline.unit_task import TeacherFacts, UnitTask
@@ -126,6 +132,9 @@ def record_layout(cfg: JobConfig, teacher: TeacherFacts) -> RecordLayout:
                             vocab_size=teacher.vocab_size, value_codec=labels.values,
                             num_classes=teacher.num_classes)
     kind = _KIND_OF_MODE[labels.mode]
+    if "topk" in labels.mode and labels.k > teacher.vocab_size:
+        raise ConfigError(f"soft_labels.k: {labels.k} is larger than the teacher's vocabulary "
+                          f"({teacher.vocab_size} tokens); set soft_labels.k to at most {teacher.vocab_size}")
     return RecordLayout(
         kind=kind, id_type=id_type_for_vocab(teacher.vocab_size), vocab_size=teacher.vocab_size,
         k=labels.k if "topk" in labels.mode else 0, value_codec=labels.values,
@@ -197,8 +206,12 @@ def build_cache(cfg: JobConfig, *, overwrite: bool = False, progress: bool = Tru
                                        disable=not progress, dynamic_ncols=True))
 
         # 3. the units still to build, in corpus order; committed ones are checked and skipped
+        units_seen = 0
+
         def units_to_build() -> Iterator[WorkUnit]:
+            nonlocal units_seen
             for unit in iter_work_units(cfg.corpus):
+                units_seen += 1
                 _count(summary.skipped_documents, unit.skipped)
                 if unit.unit_id in committed:
                     _check_unchanged(committed[unit.unit_id], unit.fingerprint, unit.unit_id, unit.source)
@@ -235,15 +248,31 @@ def build_cache(cfg: JobConfig, *, overwrite: bool = False, progress: bool = Tru
                 elapsed = time.perf_counter() - started
                 bar.set_postfix_str(f"{summary.tokens / elapsed:,.0f} tok/s, padding {summary.padding_fraction:.1%}")
 
-    # 4. the build's statistics
-    summary.seconds = time.perf_counter() - started
-    manifest = writer.manifest
-    summary.cache_totals = manifest.to_dict()["totals"]
-    if summary.units_built:
-        writer.update_stats(**_manifest_stats(manifest, summary))
+        if not units_seen:
+            raise _empty_corpus(cfg)
+
+        # 4. the build's statistics, under the lock like every manifest write; a re-run writes
+        # them when a killed build could not, even with no unit left to build
+        summary.seconds = time.perf_counter() - started
+        manifest = writer.manifest
+        summary.cache_totals = manifest.to_dict()["totals"]
+        stale = bool(writer.committed_units) and manifest.stats.get("records") != manifest.total_records
+        if summary.units_built or stale:
+            lock.ensure_held()
+            writer.update_stats(**_manifest_stats(manifest, summary))
     if summary.failed_units:
         raise BuildIncompleteError(summary)
     return summary
+
+
+def _empty_corpus(cfg: JobConfig) -> CorpusError:
+    """The error for a corpus without a single row: almost always the wrong files."""
+    if cfg.corpus.name is not None:
+        where = f"corpus.name: split {cfg.corpus.split!r} of {cfg.corpus.name!r}"
+    else:
+        where = "corpus.data_files: " + ", ".join(resolve_sources(cfg.corpus))
+    return CorpusError(f"{where}: the corpus holds no documents (no rows at all); add documents, "
+                       "or point the corpus at the files that hold them")
 
 
 def _manifest_stats(manifest: Manifest, summary: BuildSummary) -> dict[str, Any]:

@@ -34,6 +34,7 @@ from logitcache.pipeline.collate import (
 from logitcache.pipeline.dataset import CacheDataset
 from logitcache.pipeline.metrics import ClassificationMetrics, LanguageMetrics, token_metrics
 from logitcache.pipeline.report import read_metrics_jsonl, write_report
+from logitcache.pipeline.shard_checks import find_corrupt_shards, warn_skipped
 from logitcache.pipeline.students import Student, build_student, describe_student, shared_pad_id
 from logitcache.pipeline.teacher import resolve_device
 from logitcache.pipeline.training import StudentTexts, student_class_logits
@@ -41,15 +42,26 @@ from logitcache.storage_schemas.shard_reader import CacheReader
 
 
 def evaluate_students(cfg: JobConfig, students: dict[str, Student], *, texts: dict[str, StudentTexts] | None = None,
-                      progress: bool = True) -> dict[str, dict[str, Any]]:
-    """Per student: ``{"kind", "metrics": {lang: {...}, "all": {...}}, "info", "split"}``."""
+                      progress: bool = True, skipped: dict[str, str] | None = None) -> dict[str, dict[str, Any]]:
+    """Per student: ``{"kind", "metrics": {lang: {...}, "all": {...}}, "info", "split", "skipped_shards"}``.
+
+    A corrupt shard stops the evaluation, or, with ``train.on_corrupt_shard: skip``, is left
+    out: ``skipped`` (shard path -> problem) when the caller already checked the shards,
+    else every shard is checked here first.
+    """
     reader = CacheReader(cfg.cache)
+    skip = cfg.train.on_corrupt_shard == "skip"
+    if skip and skipped is None:
+        skipped = find_corrupt_shards(reader)
+        warn_skipped(skipped, cache=cfg.cache, what="evaluation")
+    skipped = skipped or {}
     layout = reader.layout
     fraction = cfg.eval.held_out_fraction
     split = "eval" if fraction > 0 else "all"
     # the whole split, also when called on rank 0 of a torchrun job (the reader would take its rank's share)
     dataset = CacheDataset(cfg.cache, seed=cfg.train.seed, epochs=1, shuffle_buffer=0, split=split,
-                           held_out_fraction=fraction, languages=cfg.train.languages, rank=0, world_size=1)
+                           held_out_fraction=fraction, languages=cfg.train.languages, rank=0, world_size=1,
+                           verify=not skip, skip_shards=skipped)
     length = int(reader.manifest.windows.get("max_length") or cfg.windows.max_length)
     rows = rows_for(cfg.train.batch_tokens, length)
     texts = texts or {}
@@ -84,7 +96,8 @@ def evaluate_students(cfg: JobConfig, students: dict[str, Student], *, texts: di
             student.model.train(modes[name])
     kind = "token" if layout.is_token_level else "classification"
     return {name: {"kind": kind, "metrics": accumulators[name].summary(), "records": records, "split": split,
-                   "info": describe_student(student)} for name, student in students.items()}
+                   "info": describe_student(student), "skipped_shards": sorted(skipped)}
+            for name, student in students.items()}
 
 
 def _limited(dataset: CacheDataset, limit: int | None):

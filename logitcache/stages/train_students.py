@@ -15,6 +15,12 @@ The recipe, top to bottom:
 5. evaluate on the held-out split every ``eval_every`` steps and at the end, save each
    final model to ``<output>/<student>/final`` and write the report.
 
+A shard whose bytes no longer match the manifest never reaches a student: by default the
+reader checks each shard's sha256 before its first block and stops the run naming it;
+``train.on_corrupt_shard: skip`` checks every shard up front instead and trains and
+evaluates without the bad ones, naming them in a warning and counting them in the metrics
+(see :mod:`logitcache.pipeline.shard_checks`).
+
 Under torchrun (``torchrun --nproc_per_node=N -m logitcache train CONFIG``) the same recipe
 runs on every rank (see :mod:`logitcache.pipeline.distributed`): the students start from
 rank 0's weights, each rank reads its own windows of the cache, every step trains on the
@@ -27,6 +33,7 @@ the report.
 from __future__ import annotations
 
 import json
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,7 +44,7 @@ import torch
 from tqdm.auto import tqdm
 
 from logitcache.config import JobConfig
-from logitcache.errors import ConfigError, StudentError
+from logitcache.errors import ConfigError, CorruptShardError, StudentError
 from logitcache.pipeline.checkpoints import (
     Checkpoint,
     CheckpointStore,
@@ -49,6 +56,7 @@ from logitcache.pipeline.corpus import paired_texts
 from logitcache.pipeline.dataset import CacheDataset
 from logitcache.pipeline.distributed import Ranks, data_parallel, rank_seed
 from logitcache.pipeline.losses import check_loss_supported
+from logitcache.pipeline.shard_checks import find_corrupt_shards, unwrap_worker_error, warn_skipped
 from logitcache.pipeline.students import Student, build_student, config_digest, shared_pad_id
 from logitcache.pipeline.training import StudentRun, StudentTexts
 from logitcache.pipeline.windows import record_id_for, tokenize
@@ -66,11 +74,12 @@ class TrainSummary:
     report: str | None = None
     world_size: int = 1  # ranks that trained (torchrun); batches are per rank
     rank: int = 0  # the rank this summary is from; only rank 0's has evaluation and report
+    skipped_shards: dict[str, str] = field(default_factory=dict)  # corrupt shard -> problem (on_corrupt_shard: skip)
 
     def to_dict(self) -> dict[str, Any]:
         return {"output": self.output, "batches": self.batches, "resumed_from": self.resumed_from,
                 "seconds": round(self.seconds, 2), "students": self.students, "report": self.report,
-                "world_size": self.world_size}
+                "world_size": self.world_size, "skipped_shards": self.skipped_shards}
 
     def format(self) -> str:
         ranks = f" per rank on {self.world_size} ranks" if self.world_size > 1 else ""
@@ -82,6 +91,8 @@ class TrainSummary:
                               if isinstance(ev.get(k), (int, float)))
             lines.append(f"  {name}: {info['steps']} steps, {info['tokens']:,} tokens"
                          + (f"; held-out {shown}" if shown else ""))
+        if self.skipped_shards:
+            lines.append(f"skipped {len(self.skipped_shards)} corrupt shard(s): {', '.join(sorted(self.skipped_shards))}")
         if self.report:
             lines.append(f"report: {self.report}")
         return "\n".join(lines)
@@ -117,6 +128,7 @@ def _train(cfg: JobConfig, *, ranks: Ranks, resume: bool, progress: bool) -> Tra
             check_loss_supported(student_cfg.loss, manifest.kind)
         except ConfigError as error:
             raise ConfigError(f"students[{index}].loss: {error}") from None
+    skipped = _corrupt_shards(cfg, reader, ranks) if train.on_corrupt_shard == "skip" else {}
 
     # 2. the students (under torchrun: rank 0's initial weights on every rank, and a torch RNG
     # of its own per rank, for dropout)
@@ -135,9 +147,11 @@ def _train(cfg: JobConfig, *, ranks: Ranks, resume: bool, progress: bool) -> Tra
     dataset = CacheDataset(cfg.cache, seed=train.seed, epochs=None, shuffle_buffer=train.shuffle_buffer,
                            split="train", held_out_fraction=cfg.eval.held_out_fraction,
                            languages=train.languages, lang_alpha=train.lang_alpha,
-                           rank=ranks.rank, world_size=ranks.world_size)
+                           rank=ranks.rank, world_size=ranks.world_size,
+                           verify=train.on_corrupt_shard == "stop", skip_shards=skipped)
     store = CheckpointStore(output)
-    summary = TrainSummary(output=str(output), world_size=ranks.world_size, rank=ranks.rank)
+    summary = TrainSummary(output=str(output), world_size=ranks.world_size, rank=ranks.rank,
+                           skipped_shards=skipped)
     batches = 0
     checkpoint = _shared_latest(store, ranks) if resume else None
     if checkpoint is not None:
@@ -160,7 +174,14 @@ def _train(cfg: JobConfig, *, ranks: Ranks, resume: bool, progress: bool) -> Tra
         PackedBatches(dataset, _packer(cfg, manifest, students)), batch_size=None,
         num_workers=train.num_workers, pin_memory=device.type == "cuda",
         persistent_workers=train.num_workers > 0)
+    if resume and ranks.is_main:  # what a killed run logged past its checkpoint is logged again below
+        for name, run in runs.items():
+            _trim_log(output / name / "metrics.jsonl", step=run.step, done=run.done)
     logs = {name: _open_log(output / name) for name in runs} if ranks.is_main else {}
+    if skipped:
+        for name, log in logs.items():
+            _log(log, {"step": runs[name].step, "skipped_shards": len(skipped),
+                       "skipped_shard_paths": sorted(skipped)})
     bars = {name: tqdm(total=train.steps, initial=run.step, desc=name, unit="step", position=i,
                        disable=not progress, dynamic_ncols=True) for i, (name, run) in enumerate(runs.items())}
 
@@ -181,7 +202,10 @@ def _train(cfg: JobConfig, *, ranks: Ranks, resume: bool, progress: bool) -> Tra
     stream = iter(loader) if trained else iter(())
     try:
         while trained:
-            batch = next(stream, None)
+            try:
+                batch = next(stream, None)
+            except CorruptShardError as error:  # from a DataLoader worker: drop its traceback
+                raise unwrap_worker_error(error) from None
             if not ranks.any(batch is not None):  # under torchrun: a dry rank goes on adding nothing
                 break
             if batch is not None:
@@ -198,7 +222,8 @@ def _train(cfg: JobConfig, *, ranks: Ranks, resume: bool, progress: bool) -> Tra
                 bars[name].update(1)
                 bars[name].set_postfix_str(f"loss {row['loss']:.4f}" if "loss" in row else "")
                 if train.eval_every and run.step % train.eval_every == 0 and not run.done:
-                    _evaluate_into(cfg, {name: run.student}, logs, steps={name: run.step}, texts=texts)
+                    _evaluate_into(cfg, {name: run.student}, logs, steps={name: run.step}, texts=texts,
+                                   skipped=skipped)
             if train.save_every and batches % train.save_every == 0:
                 save()
             if all(run.done for run in runs.values()):
@@ -225,7 +250,8 @@ def _train(cfg: JobConfig, *, ranks: Ranks, resume: bool, progress: bool) -> Tra
         final = output / name / "final"
         run.student.save(final)
         finals[name] = run.student
-    evaluation = _evaluate_into(cfg, finals, logs, steps={n: r.step for n, r in runs.items()}, texts=texts)
+    evaluation = _evaluate_into(cfg, finals, logs, steps={n: r.step for n, r in runs.items()}, texts=texts,
+                                skipped=skipped)
     for log in logs.values():
         log.close()
     for name, run in runs.items():
@@ -280,14 +306,51 @@ def _open_log(directory: Path):
     return open(directory / "metrics.jsonl", "a", encoding="utf-8")
 
 
+def _trim_log(path: Path, *, step: int, done: bool) -> None:
+    """Keep only the rows a run resumed at ``step`` will not write again, so that each step is
+    logged once however often a run is killed: training rows up to ``step``, evaluations before
+    it (and at it, unless training is over: the final evaluation runs again); a row torn by the
+    kill, and every other row at or past ``step``, goes."""
+    if not path.exists():
+        return
+    kept = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            row = json.loads(line)
+        except ValueError:
+            continue  # half a row: the process died while writing it
+        if not isinstance(row, dict):
+            continue
+        at, evaluation = row.get("step", 0), any(key.startswith("eval_") for key in row)
+        if at < step or (at == step and ("lr" in row or (evaluation and not done))):
+            kept.append(line + "\n")
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(kept), encoding="utf-8")
+    os.replace(tmp, path)
+
+
 def _log(stream, row: dict[str, Any]) -> None:
     stream.write(json.dumps({k: (round(v, 6) if isinstance(v, float) else v) for k, v in row.items()}) + "\n")
     stream.flush()
 
 
+def _corrupt_shards(cfg: JobConfig, reader: CacheReader, ranks: Ranks) -> dict[str, str]:
+    """Every corrupt shard of the cache; under torchrun each rank checks its share and all
+    ranks get the same answer, so they skip the same shards."""
+    found: dict[str, str] = {}
+    for part in ranks.gather_objects(find_corrupt_shards(reader, rank=ranks.rank, world_size=ranks.world_size)):
+        found.update(part)
+    if ranks.is_main:
+        warn_skipped(found, cache=cfg.cache, what="training and evaluation")
+    if len(found) == len(reader.shards):
+        raise CorruptShardError(f"every shard of {cfg.cache} is corrupt, nothing is left to train on; "
+                                f"run `logitcache verify {cfg.cache}` and rebuild the cache")
+    return found
+
+
 def _evaluate_into(cfg: JobConfig, students: dict[str, Student], logs, *, steps: dict[str, int],
-                   texts: dict[str, StudentTexts]) -> dict[str, Any]:
-    results = evaluate_students(cfg, students, texts=texts, progress=False)
+                   texts: dict[str, StudentTexts], skipped: dict[str, str]) -> dict[str, Any]:
+    results = evaluate_students(cfg, students, texts=texts, progress=False, skipped=skipped)
     for name, result in results.items():
         overall = result["metrics"].get("all") or {}
         row: dict[str, Any] = {"step": steps[name]}

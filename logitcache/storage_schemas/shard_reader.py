@@ -42,18 +42,16 @@ class CacheReader:
 
     def check_shard(self, entry: ShardEntry) -> None:
         """Raise CorruptShardError unless the shard's bytes match the manifest."""
+        where = f"shard {entry.path} (unit {entry.unit_id}) of {self.location.url}"
         if not self.location.exists(entry.path):
-            raise CorruptShardError(f"shard {entry.path} (unit {entry.unit_id}) is missing")
+            raise CorruptShardError(f"{where} is missing: the manifest lists it but it is not on disk")
         size, sha256 = self.location.digest(entry.path)
         if size != entry.bytes:
             raise CorruptShardError(
-                f"shard {entry.path} has {size} bytes, the manifest says {entry.bytes}: truncated or "
-                "rewritten; rebuild its unit (delete the shard's entry or run the build again)"
+                f"{where} has {size} bytes, the manifest says {entry.bytes}: truncated or rewritten after commit"
             )
         if sha256 != entry.sha256:
-            raise CorruptShardError(
-                f"shard {entry.path} fails its sha256 check (bytes changed after commit); rebuild its unit"
-            )
+            raise CorruptShardError(f"{where} fails its sha256 check: its bytes changed after commit")
 
     def _guarded(self, entry: ShardEntry, read):
         try:

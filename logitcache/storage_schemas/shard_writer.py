@@ -16,17 +16,25 @@ refuses otherwise, naming each field that differs. A cache with no committed sha
 takes the new identity (nothing would be lost). ``overwrite=True`` starts afresh, but the
 old cache is discarded only when the first new shard commits: a build that fails before
 that leaves it untouched.
+
+A storage error on the way (a full disk, a permission or read-only error: any ``OSError``)
+raises :class:`~logitcache.errors.CacheWriteError`, which says what failed, where, and that
+the shards committed before it are intact: the unit's staging files (and its renamed but
+unlisted shard) are removed on a best-effort basis, the manifest on disk is the previous one,
+and a later build with the same configuration continues with the units not yet committed.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import errno
 import re
 import time
 from typing import Any
 
 from logitcache.config import StorageConfig
-from logitcache.errors import IncompatibleCacheError
+from logitcache.errors import CacheWriteError, IncompatibleCacheError
 from logitcache.storage_schemas.backends import get_backend
 from logitcache.storage_schemas.fingerprint import diff_fields, fingerprint
 from logitcache.storage_schemas.location import CacheLocation
@@ -52,6 +60,31 @@ def shard_name(unit_id: str, extension: str) -> str:
     return f"part-{unit_id}{extension}"
 
 
+_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+_DENIED = (errno.EACCES, errno.EPERM, errno.EROFS)
+
+
+def storage_failure(exc: OSError, *, url: str, what: str, committed: int) -> CacheWriteError:
+    """A CacheWriteError for ``exc``: what failed, where, what is safe and what to do."""
+    reason = exc.strerror or str(exc) or type(exc).__name__
+    if exc.errno is not None and exc.errno in errno.errorcode:
+        reason = f"{errno.errorcode[exc.errno]}: {reason}"
+    if getattr(exc, "filename", None):
+        reason += f" ({exc.filename})"
+    if exc.errno in _FULL:
+        fix = "Free disk space (or quota) there, or point `cache` at a larger disk,"
+    elif exc.errno in _DENIED or isinstance(exc, PermissionError):
+        fix = ("Make the cache directory writable by this user (the build writes shards/, "
+               "_incomplete/ and manifest.json),")
+    else:
+        fix = "Fix the storage problem,"
+    return CacheWriteError(
+        f"cannot write to cache {url}: {what} failed ({reason}). "
+        f"The {committed} shard(s) committed before it are intact and the manifest lists only those. "
+        f"{fix} then run the same command again: it continues with the units not yet committed."
+    )
+
+
 class ShardWriter:
     """Commits :class:`RecordBlock` shards into the cache at ``url``.
 
@@ -73,6 +106,7 @@ class ShardWriter:
         # an existing cache is replaced only when the first new shard commits, so a build
         # that fails before that (bad corpus, bad teacher) leaves the old cache as it was
         self._replace_on_commit = False
+        extends_existing = False
         existing = Manifest.load(self.location) if self.location.exists(MANIFEST_FILE) else None
         if existing is not None and overwrite:
             self._replace_on_commit = bool(existing.shards)
@@ -91,14 +125,24 @@ class ShardWriter:
                 existing.config = fresh.config
                 existing.corpus = {**existing.corpus, **fresh.corpus}
                 self.manifest = existing
+                # the new description is saved with the next commit: a build that fails
+                # before one (bad corpus row, bad teacher) leaves the manifest's bytes as they were
+                extends_existing = True
         else:
             self.manifest = fresh
         self._template = fresh
-        self.location.makedirs(SHARDS_DIR)
-        self.location.remove(INCOMPLETE_DIR)  # leftovers of a killed run: never trusted
-        self.location.makedirs(INCOMPLETE_DIR)
-        if not self._replace_on_commit:
-            self.manifest.save(self.location)
+        try:
+            self.location.makedirs(SHARDS_DIR)
+            self.location.remove(INCOMPLETE_DIR)  # leftovers of a killed run: never trusted
+            self.location.makedirs(INCOMPLETE_DIR)
+            for name in self.location.listdir(""):  # a manifest save cut short by a kill
+                if name.startswith(f"{MANIFEST_FILE}.tmp-"):
+                    self.location.remove(name)
+            if not self._replace_on_commit and not extends_existing:
+                self.manifest.save(self.location)
+        except OSError as exc:
+            raise storage_failure(exc, url=self.location.url, what="preparing the cache directory",
+                                  committed=len(self.committed_units)) from exc
 
     def _replace_existing(self) -> None:
         """Discard the old cache (``overwrite``): its manifest first, then its shards."""
@@ -120,20 +164,32 @@ class ShardWriter:
         if unit_id in self.committed_units:
             raise ValueError(f"work unit {unit_id!r} is already committed to {self.location.url}")
         if self._replace_on_commit:
-            self._replace_existing()
+            try:
+                self._replace_existing()
+            except OSError as exc:
+                raise storage_failure(exc, url=self.location.url, what="discarding the old cache (--overwrite)",
+                                      committed=len(self.committed_units)) from exc
         layout = self.manifest.layout
         block.validate(layout)
         name = shard_name(unit_id, self.backend.extension)
         staging, final = f"{INCOMPLETE_DIR}/{name}", f"{SHARDS_DIR}/{name}"
         started = time.perf_counter()
-        self.location.remove(staging)
-        num_blocks = self.backend.write(
-            self.location, staging, block, layout=layout, storage=self.storage,
-            metadata={"config_fingerprint": self.manifest.config_fingerprint, "unit_id": unit_id},
-        )
-        self.location.sync_tree(staging)
-        size, sha256 = self.location.digest(staging)
-        self.location.rename(staging, final)
+        step = f"writing shard {name} of unit {unit_id}"
+        try:
+            self.location.remove(staging)
+            num_blocks = self.backend.write(
+                self.location, staging, block, layout=layout, storage=self.storage,
+                metadata={"config_fingerprint": self.manifest.config_fingerprint, "unit_id": unit_id},
+            )
+            step = f"syncing shard {name} of unit {unit_id} to disk (fsync)"
+            self.location.sync_tree(staging)
+            size, sha256 = self.location.digest(staging)
+            step = f"moving shard {name} of unit {unit_id} into {SHARDS_DIR}/ (rename)"
+            self.location.rename(staging, final)
+        except OSError as exc:
+            self._discard(staging)
+            raise storage_failure(exc, url=self.location.url, what=step,
+                                  committed=len(self.manifest.shards)) from exc
         entry = ShardEntry(
             unit_id=unit_id, path=final, records=block.num_records, tokens=block.num_tokens,
             positions=block.num_positions if layout.is_token_level else 0, bytes=size,
@@ -144,12 +200,28 @@ class ShardWriter:
         # that a cache's shard order, and so a reader's order, does not depend on who built it
         self.manifest.shards.append(entry)
         self.manifest.shards.sort(key=lambda shard: shard.unit_id)
-        self.manifest.save(self.location)
+        try:
+            self.manifest.save(self.location)
+        except OSError as exc:  # the manifest on disk is still the previous one
+            self.manifest.shards.remove(entry)
+            self._discard(final)
+            raise storage_failure(exc, url=self.location.url,
+                                  what=f"saving {MANIFEST_FILE} to commit unit {unit_id}",
+                                  committed=len(self.manifest.shards)) from exc
         return entry
+
+    def _discard(self, rel: str) -> None:
+        """Remove an uncommitted shard if the storage lets us (it frees space; readers ignore it anyway)."""
+        with contextlib.suppress(OSError):
+            self.location.remove(rel)
 
     def update_stats(self, **stats: Any) -> None:
         """Merge build statistics (throughput, padding...) into the manifest and save it."""
         if self._replace_on_commit:
             self._replace_existing()
         self.manifest.stats.update(stats)
-        self.manifest.save(self.location)
+        try:
+            self.manifest.save(self.location)
+        except OSError as exc:
+            raise storage_failure(exc, url=self.location.url, what=f"saving the build statistics to {MANIFEST_FILE}",
+                                  committed=len(self.manifest.shards)) from exc
