@@ -38,7 +38,8 @@ what a DataLoader worker adds per batch: moving the batch's tensors into shared 
 
 A prototype of three changes, written here and nowhere else, puts numbers on them: (1) decode
 q8 values ``Q8_CHUNK_ROWS`` rows at a time, so that the running sum over k columns stays in
-cache, instead of over the whole window at once; (2) keep the window's top-k ids in their
+cache, instead of over the whole window at once (since landed in ``value_codecs``, so the
+prototype now calls the library's decode and this part shows no difference); (2) keep the window's top-k ids in their
 stored type (uint16 here) in the records instead of an int64 copy of the whole window, and
 widen them while packing; (3) in the packer, allocate the ``[B, L, k]`` outputs with
 ``np.empty`` and fill only the slots with no label instead of pre-filling everything. Its
@@ -103,7 +104,7 @@ from logitcache.storage_schemas.manifest import Manifest  # noqa: E402
 from logitcache.storage_schemas.records import RecordBlock  # noqa: E402
 from logitcache.storage_schemas.shard_reader import CacheReader  # noqa: E402
 from logitcache.storage_schemas.shard_writer import ShardWriter  # noqa: E402
-from logitcache.storage_schemas.value_codecs import Q8_STEP, get_value_codec  # noqa: E402
+from logitcache.storage_schemas.value_codecs import get_value_codec  # noqa: E402
 
 VOCAB = 32_000
 KS = (64, 8)
@@ -253,28 +254,8 @@ def window_blocks(manifest: Manifest, shuffle_buffer: int) -> int:
 # ---------------------------------------------------------------- prototype (this file only)
 
 
-def decode_q8_chunked(stored: np.ndarray, rows: int = Q8_CHUNK_ROWS) -> np.ndarray:
-    """q8 levels -> float32 log-probs as ``value_codecs._decode_q8`` computes them, but one
-    block of ``rows`` rows at a time: the k-column running sum (modulo 256) then runs in a
-    256 KiB scratch buffer that stays in cache instead of streaming the window k times."""
-    stored = np.asarray(stored, dtype=np.uint8)
-    out = np.empty(stored.shape, dtype=np.float32)
-    if stored.ndim != 2 or stored.shape[1] == 0:
-        return get_value_codec("q8").decode(stored)
-    scratch = np.empty((min(rows, max(len(stored), 1)), stored.shape[1]), dtype=np.uint8)
-    for start in range(0, len(stored), rows):
-        src = stored[start:start + rows]
-        levels = scratch[:len(src)]
-        np.copyto(levels, src)
-        for j in range(1, levels.shape[1]):
-            np.add(levels[:, j - 1], levels[:, j], out=levels[:, j])
-        np.multiply(levels, np.float32(-Q8_STEP), out=out[start:start + rows], casting="unsafe")
-    return out
-
-
 def proto_decode(block: RecordBlock, layout: RecordLayout) -> np.ndarray:
-    if layout.value_codec == "q8":
-        return decode_q8_chunked(block.topk_logprobs)
+    # the chunked q8 decode this prototype measured is now the library's own
     return block.decoded_topk_logprobs(layout).astype(np.float32, copy=False)
 
 

@@ -42,7 +42,6 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 import argparse  # noqa: E402
 import platform  # noqa: E402
-import shlex  # noqa: E402
 import shutil  # noqa: E402
 import statistics  # noqa: E402
 import sys  # noqa: E402
@@ -59,6 +58,7 @@ if str(ROOT) not in sys.path:
 
 from bench_build import build_big_teacher, synthetic_docs, write_jsonl  # noqa: E402
 from machine import cpu_model  # noqa: E402
+from publish import command_line, publish  # noqa: E402
 
 import logitcache  # noqa: E402
 from logitcache.config import JobConfig, config_from_dict  # noqa: E402
@@ -235,11 +235,8 @@ def main(argv: list[str] | None = None) -> int:
                 parser.error(f"unknown teacher {teacher!r} (tiny, 110m)")
             corpus = write_jsonl(tmp / f"corpus-{teacher}.jsonl", synthetic_docs(tokenizer, tokens, seed=0)[0])
             results[teacher] = measure(teacher, model, corpus, warmup, tmp / f"work-{teacher}", args)
-    command = "python benchmarks/bench_scale.py " + shlex.join(argv if argv is not None else sys.argv[1:])
-    report = render(results, args, command.strip(), time.perf_counter() - started)
-    print(report)
-    if args.out:
-        args.out.write_text(report, encoding="utf-8")
+    report = render(results, args, command_line("bench_scale.py", argv), time.perf_counter() - started)
+    publish(report, args.out)
     return 0
 
 

@@ -136,9 +136,9 @@ class TokenPacker:
         label_mask = np.zeros((rows, length), dtype=bool)
         hard = np.full((rows, length), IGNORE_INDEX, dtype=np.int64)
         topk_ids = topk_lp = sample_ids = sample_counts = None
-        if layout.has_topk:
-            topk_ids = np.zeros((rows, length, layout.k), dtype=np.int64)
-            topk_lp = np.full((rows, length, layout.k), -np.inf, dtype=np.float32)
+        if layout.has_topk:  # left empty: labelled slots are copied in, the rest filled below
+            topk_ids = np.empty((rows, length, layout.k), dtype=np.int64)
+            topk_lp = np.empty((rows, length, layout.k), dtype=np.float32)
         if layout.has_samples:
             sample_ids = np.zeros((rows, length, layout.samples), dtype=np.int64)
             sample_counts = np.zeros((rows, length, layout.samples), dtype=np.float32)
@@ -159,7 +159,8 @@ class TokenPacker:
             label_mask[row, first:stop] = True
             hard[row, first:stop - 1] = record.input_ids[record.context_length + 1:]
             if topk_ids is not None:
-                topk_ids[row, first:stop] = record.topk_ids
+                _fill_unlabelled(topk_ids[row, start:first], topk_lp[row, start:first])  # left context
+                topk_ids[row, first:stop] = record.topk_ids  # widened from the stored id type
                 topk_lp[row, first:stop] = record.topk_logprobs
             if sample_ids is not None:
                 _scatter_samples(record, sample_ids[row, first:stop], sample_counts[row, first:stop])
@@ -167,6 +168,8 @@ class TokenPacker:
         ends[row] = used
         for r in range(rows):  # padding is its own segment of restarting positions
             position_ids[r, ends[r]:] = np.arange(length - ends[r])
+            if topk_ids is not None:
+                _fill_unlabelled(topk_ids[r, ends[r]:], topk_lp[r, ends[r]:])
 
         def tensor(array):
             return None if array is None else torch.from_numpy(array)
@@ -178,6 +181,12 @@ class TokenPacker:
             record_ids=np.array([r.record_id for r in records], dtype=np.uint64),
             langs=[r.lang for r in records], cursors=[tuple(r.cursor) for r in records], tokens=tokens,
         )
+
+
+def _fill_unlabelled(ids: np.ndarray, logprobs: np.ndarray) -> None:
+    """Slots with no label (context, padding): id 0 with log-probability -inf, i.e. no mass."""
+    ids.fill(0)
+    logprobs.fill(-np.inf)
 
 
 def _scatter_samples(record: Any, ids_out: np.ndarray, counts_out: np.ndarray) -> None:

@@ -73,7 +73,7 @@ class CachedRecord:
     lang: str
     input_ids: np.ndarray  # int64 [n]
     context_length: int  # leading tokens with no label; 0 for sequence_probs
-    topk_ids: np.ndarray | None  # int64 [n - context_length, k]
+    topk_ids: np.ndarray | None  # stored id type (uint8/16/32) [n - context_length, k]
     topk_logprobs: np.ndarray | None  # float32 [n - context_length, k]
     sample_offsets: np.ndarray | None  # int64 [n - context_length + 1], from 0
     sample_ids: np.ndarray | None  # int64 [S]
@@ -443,7 +443,7 @@ def _records(block: RecordBlock, layout: RecordLayout, rows: np.ndarray, start: 
                else np.zeros(block.num_records, np.int64))
     topk_ids = topk_lp = s_off = s_ids = s_counts = entropy = class_lp = labels = None
     if layout.has_topk:
-        topk_ids = block.topk_ids.astype(np.int64)
+        topk_ids = block.topk_ids  # the stored id type; the packer widens ids as it copies them
         topk_lp = block.decoded_topk_logprobs(layout).astype(np.float32, copy=False)
     if layout.has_samples:
         s_off = block.sample_offsets - block.sample_offsets[0]

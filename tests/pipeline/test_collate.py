@@ -100,3 +100,24 @@ def test_pad_sequences_and_pinning_roundtrip():
     batch = TokenPacker(layout, rows=1, length=6).collate([record(0, 4)])
     moved = batch.to("cpu")
     assert torch.equal(moved.input_ids, batch.input_ids) and moved.record_ids is batch.record_ids
+
+
+@pytest.mark.parametrize("id_type", [np.uint16, np.int64])
+def test_every_slot_without_a_label_carries_no_mass_and_ids_are_widened(id_type):
+    """The top-k outputs start uninitialised: context, padding and unused rows must all be filled."""
+    layout = make_layout("token_topk", k=3, vocab_size=50)
+    records = [record(i, n, context=c) for i, (n, c) in enumerate([(6, 2), (5, 0), (8, 3), (2, 1)])]
+    for rec in records:
+        rec.topk_ids = rec.topk_ids.astype(id_type)  # the dataset hands over the stored id type
+    # garbage in the allocator's free memory would show up below if a slot were left unfilled
+    for _ in range(3):
+        np.full((3, 12, 3), 777, dtype=np.int64), np.full((3, 12, 3), 5.0, dtype=np.float32)
+    batch = next(TokenPacker(layout, rows=3, length=12).pack(records))  # row 2 stays unused
+    unlabelled = ~batch.label_mask
+    assert batch.topk_ids.dtype == torch.int64
+    assert (batch.topk_ids[unlabelled] == 0).all()
+    assert torch.isneginf(batch.topk_logprobs[unlabelled]).all()
+    assert not unlabelled[2].logical_not().any()  # the unused row: nothing labelled
+    labelled_ids = torch.cat([torch.from_numpy(r.topk_ids.astype(np.int64)) for r in records])
+    assert torch.equal(batch.topk_ids[batch.label_mask], labelled_ids)
+    assert torch.equal(batch.topk_logprobs[batch.label_mask], torch.cat([torch.from_numpy(r.topk_logprobs) for r in records]))

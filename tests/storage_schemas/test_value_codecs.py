@@ -109,3 +109,12 @@ def test_tail_mass_stays_meaningful_after_q8(values):
     # each prob is off by at most a factor exp(±1/32), or by exp(floor) when clamped
     bound = k * np.exp(codec.exact_range) + (np.exp(Q8_STEP / 2) - 1) * np.exp(rows).sum(axis=1)
     assert np.all(np.abs(np.exp(decoded).sum(axis=1) - np.exp(rows).sum(axis=1)) <= bound + 1e-6)
+
+
+@pytest.mark.parametrize("shape", [(10_000, 8), (3, 5_000, 4), (4_096, 1), (0, 64)])
+def test_q8_decode_in_chunks_equals_a_plain_running_sum(shape):
+    from logitcache.storage_schemas.value_codecs import Q8_STEP
+
+    stored = np.random.default_rng(1).integers(0, 256, size=shape, dtype=np.uint8)
+    expected = np.cumsum(stored, axis=-1, dtype=np.uint8).astype(np.float32) * np.float32(-Q8_STEP)
+    np.testing.assert_array_equal(get_value_codec("q8").decode(stored), expected)
