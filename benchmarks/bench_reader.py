@@ -36,14 +36,13 @@ of the epoch is selection, shuffle, per-record slicing and the packer's loop. *t
 what a DataLoader worker adds per batch: moving the batch's tensors into shared memory
 (``share_memory_()``, as torch's multiprocessing reductions do when a worker queues a batch).
 
-A prototype of three changes, written here and nowhere else, puts numbers on them: (1) decode
-q8 values ``Q8_CHUNK_ROWS`` rows at a time, so that the running sum over k columns stays in
-cache, instead of over the whole window at once (since landed in ``value_codecs``, so the
-prototype now calls the library's decode and this part shows no difference); (2) keep the window's top-k ids in their
-stored type (uint16 here) in the records instead of an int64 copy of the whole window, and
-widen them while packing; (3) in the packer, allocate the ``[B, L, k]`` outputs with
-``np.empty`` and fill only the slots with no label instead of pre-filling everything. Its
-batches are checked equal to ``TokenPacker``'s. Also timed: the shared-memory transfer of a
+A prototype of three changes put numbers on them before they landed: (1) decode q8 values
+``Q8_CHUNK_ROWS`` rows at a time, so that the running sum over k columns stays in cache;
+(2) keep the window's top-k ids in their stored type (uint16 here) in the records and widen
+them while packing; (3) in the packer, allocate the ``[B, L, k]`` outputs with ``np.empty``
+and fill only the slots with no label. All three are now in the library (``value_codecs``,
+``dataset``, ``collate``), so the prototype's decode and packer are the library's and the
+prototype table shows what is left: its records skip the dataset's bookkeeping. Also timed: the shared-memory transfer of a
 batch with int32 ids, and with ids and values in their stored types.
 
 Per core as in ``bench_codecs.py``: numpy, Arrow, Zarr and torch thread pools are capped at
@@ -91,7 +90,6 @@ from synthetic_topk import SyntheticRecords, make_records  # noqa: E402
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info  # noqa: E402
 
 from logitcache.pipeline.collate import (  # noqa: E402
-    IGNORE_INDEX,
     PackedBatches,
     TokenBatch,
     TokenPacker,
@@ -316,56 +314,9 @@ def proto_stream(url: str, *, shuffle_buffer: int, seed: int = SEED, epoch: int 
         yield from proto_records(block, layout, rows, (epoch, window), acc)
 
 
-class ProtoPacker(TokenPacker):
-    """``TokenPacker`` whose top-k outputs are allocated empty and filled only where a slot
-    has no label (context, padding), and which widens stored-type ids while copying them."""
-
-    def collate(self, records: Sequence[Any]) -> TokenBatch:
-        layout = self.layout
-        if not layout.has_topk or layout.has_samples:
-            return super().collate(records)
-        rows, length, k = self.rows, self.length, layout.k
-        input_ids = np.full((rows, length), self.pad_id, dtype=np.int64)
-        position_ids = np.zeros((rows, length), dtype=np.int64)
-        segment = np.full((rows, length), -1, dtype=np.int32)
-        label_mask = np.zeros((rows, length), dtype=bool)
-        hard = np.full((rows, length), IGNORE_INDEX, dtype=np.int64)
-        topk_ids = np.empty((rows, length, k), dtype=np.int64)
-        topk_lp = np.empty((rows, length, k), dtype=np.float32)
-        row, used, tokens = 0, 0, 0
-        ends = np.zeros(rows, dtype=np.int64)
-        for index, record in enumerate(records):
-            n = len(record.input_ids)
-            if used + n > length:
-                ends[row] = used
-                row, used = row + 1, 0
-            if row >= rows:
-                raise ValueError(f"{len(records)} records do not fit {rows} rows of {length} tokens")
-            start, stop, first = used, used + n, used + record.context_length
-            input_ids[row, start:stop] = record.input_ids
-            position_ids[row, start:stop] = np.arange(n)
-            segment[row, start:stop] = index
-            label_mask[row, first:stop] = True
-            hard[row, first:stop - 1] = record.input_ids[record.context_length + 1:]
-            if first > start:
-                topk_ids[row, start:first] = 0
-                topk_lp[row, start:first] = -np.inf
-            topk_ids[row, first:stop] = record.topk_ids  # widened to int64 by the copy
-            topk_lp[row, first:stop] = record.topk_logprobs
-            used, tokens = stop, tokens + n
-        ends[row] = used
-        for r in range(rows):
-            position_ids[r, ends[r]:] = np.arange(length - ends[r])
-            topk_ids[r, ends[r]:] = 0
-            topk_lp[r, ends[r]:] = -np.inf
-        return TokenBatch(
-            input_ids=torch.from_numpy(input_ids), position_ids=torch.from_numpy(position_ids),
-            segment=torch.from_numpy(segment), label_mask=torch.from_numpy(label_mask),
-            hard_targets=torch.from_numpy(hard), topk_ids=torch.from_numpy(topk_ids),
-            topk_logprobs=torch.from_numpy(topk_lp),
-            record_ids=np.array([r.record_id for r in records], dtype=np.uint64),
-            langs=[r.lang for r in records], cursors=[tuple(r.cursor) for r in records], tokens=tokens,
-        )
+# The prototype packer (outputs allocated empty, only unlabelled slots filled, stored-type
+# ids widened while copied) is now the library's TokenPacker; the name stays for the report.
+ProtoPacker = TokenPacker
 
 
 def check_prototype(records: list[CachedRecord], layout: RecordLayout, packer: TokenPacker,
