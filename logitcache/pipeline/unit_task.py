@@ -18,6 +18,7 @@ cache.
 
 from __future__ import annotations
 
+import functools
 import os
 import threading
 from dataclasses import dataclass, field
@@ -44,7 +45,7 @@ __all__ = ["TeacherFacts", "UnitTask", "LabelledUnit", "teacher_in_process", "te
 #: it for its workers: dask starts worker processes with OMP_NUM_THREADS=1, before torch loads)
 THREADS_ENV = "LOGITCACHE_TORCH_THREADS"
 _lock = threading.Lock()
-_kept: dict[str, Teacher] = {}  # at most one teacher per process
+_kept: dict[str, tuple[Teacher, TeacherFacts]] = {}  # at most one teacher per process
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -64,7 +65,7 @@ class TeacherFacts:
                    identity=dict(teacher.identity), tokenizer_info=dict(teacher.tokenizer_info),
                    split_head_ok=teacher.split_head_ok)
 
-    @property
+    @functools.cached_property
     def digest(self) -> str:
         """Changes when the weights, tokenizer or dtype differ (device placement does not count)."""
         return fingerprint({"identity": self.identity, "tokenizer": self.tokenizer_info})
@@ -108,26 +109,30 @@ def _apply_thread_setting() -> None:
         torch.set_num_threads(int(wanted))
 
 
-def teacher_in_process(cfg: TeacherConfig) -> Teacher:
-    """The teacher of ``cfg``, loaded on first use in this process and kept for later units."""
+def _kept_teacher(cfg: TeacherConfig) -> tuple[Teacher, TeacherFacts]:
     _apply_thread_setting()
     key = fingerprint({"config": config_to_dict(cfg), "files": _model_files_signature(cfg.model)})
     with _lock:
-        teacher = _kept.get(key)
-        if teacher is None:
+        kept = _kept.get(key)
+        if kept is None:
             _kept.clear()  # one teacher per process: a new build's teacher replaces the last
-            teacher = _kept[key] = load_teacher(cfg)
-        return teacher
+            teacher = load_teacher(cfg)
+            kept = _kept[key] = (teacher, TeacherFacts.of(teacher))
+        return kept
+
+
+def teacher_in_process(cfg: TeacherConfig) -> Teacher:
+    """The teacher of ``cfg``, loaded on first use in this process and kept for later units."""
+    return _kept_teacher(cfg)[0]
 
 
 def teacher_facts_in_process(cfg: TeacherConfig) -> TeacherFacts:
-    return TeacherFacts.of(teacher_in_process(cfg))
+    return _kept_teacher(cfg)[1]
 
 
 def label_work_unit(task: UnitTask, unit: WorkUnit) -> LabelledUnit:
     """Cut ``unit`` into windows, run the teacher over them and return the records."""
-    teacher = teacher_in_process(task.teacher)
-    facts = TeacherFacts.of(teacher)
+    teacher, facts = _kept_teacher(task.teacher)
     if facts.digest != task.teacher_digest:
         raise TeacherError(
             f"the teacher loaded for unit {unit.unit_id} on {os.uname().nodename} (pid {os.getpid()}) differs "

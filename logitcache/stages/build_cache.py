@@ -233,7 +233,8 @@ def build_cache(cfg: JobConfig, *, overwrite: bool = False, progress: bool = Tru
                     continue
                 stats = labelled.stats
                 lock.ensure_held()
-                _count(summary.skipped_documents, {"no_tokens": labelled.no_tokens} if labelled.no_tokens else {})
+                if labelled.no_tokens:
+                    _count(summary.skipped_documents, {"no_tokens": labelled.no_tokens})
                 committer.submit(labelled.block, unit_id=unit.unit_id, stats={
                     **stats, "unit_fingerprint": unit.fingerprint, "source": unit.source,
                     "first_row": unit.first_row, "num_rows": unit.num_rows, "skipped_documents": unit.skipped,

@@ -22,6 +22,7 @@ import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
 _READ_CHUNK = 1 << 22
+_TEMPORARY_MARK = ".tmp-"  # write_atomic's temporary files: <target>.tmp-<8 hex digits>
 
 
 class CacheLocation:
@@ -71,7 +72,7 @@ class CacheLocation:
         if not self.is_local:
             self.fs.pipe_file(target, data)
             return
-        tmp = f"{target}.tmp-{uuid.uuid4().hex[:8]}"
+        tmp = f"{target}{_TEMPORARY_MARK}{uuid.uuid4().hex[:8]}"
         try:
             with open(tmp, "wb") as fh:
                 fh.write(data)
@@ -82,6 +83,13 @@ class CacheLocation:
             if os.path.exists(tmp):
                 os.unlink(tmp)
         _fsync_dir(os.path.dirname(target))
+
+    def leftover_temporaries(self, rel: str) -> list[str]:
+        """Temporary files of :meth:`write_atomic` for ``rel`` that a killed process left behind
+        (paths relative to the root). Only meaningful while no one else writes ``rel``."""
+        directory, name = posixpath.split(rel)
+        return [posixpath.join(directory, found) for found in self.listdir(directory)
+                if found.startswith(f"{name}{_TEMPORARY_MARK}")]
 
     def sync_tree(self, rel: str) -> None:
         """fsync a file, or every file and directory under ``rel`` (local disks only)."""

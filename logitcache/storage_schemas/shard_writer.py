@@ -135,9 +135,8 @@ class ShardWriter:
             self.location.makedirs(SHARDS_DIR)
             self.location.remove(INCOMPLETE_DIR)  # leftovers of a killed run: never trusted
             self.location.makedirs(INCOMPLETE_DIR)
-            for name in self.location.listdir(""):  # a manifest save cut short by a kill
-                if name.startswith(f"{MANIFEST_FILE}.tmp-"):
-                    self.location.remove(name)
+            for leftover in self.location.leftover_temporaries(MANIFEST_FILE):  # a save cut short by a kill
+                self.location.remove(leftover)
             if not self._replace_on_commit and not extends_existing:
                 self.manifest.save(self.location)
         except OSError as exc:

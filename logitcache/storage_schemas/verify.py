@@ -297,5 +297,5 @@ def _unlisted(location: CacheLocation, listed: set[str]) -> list[str]:
     out = [f"{SHARDS_DIR}/{name}" for name in location.listdir(SHARDS_DIR)
            if f"{SHARDS_DIR}/{name}" not in listed]
     out += [f"{INCOMPLETE_DIR}/{name}" for name in location.listdir(INCOMPLETE_DIR)]
-    out += [name for name in location.listdir("") if name.startswith(f"{MANIFEST_FILE}.tmp-")]
+    out += location.leftover_temporaries(MANIFEST_FILE)
     return out

@@ -8,6 +8,7 @@ that no block of the bad shard was ever read.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import shutil
@@ -31,16 +32,13 @@ TRAIN = {"steps": 4, "shuffle_buffer": 0, "save_every": 0}
 @pytest.fixture(scope="module")
 def caches(tmp_path_factory, corpus_dir, tiny_causal_lm_dir):
     """Pristine caches by backend (built on first use)."""
-    built: dict[str, Path] = {}
 
+    @functools.cache
     def get(backend: str) -> Path:
-        if backend not in built:
-            root = tmp_path_factory.mktemp(f"pristine-{backend}")
-            data = job_data(root / "cache", corpus_dir, tiny_causal_lm_dir, root / "unused",
-                            storage={"backend": backend})
-            build_cache(config_from_dict(data), progress=False)
-            built[backend] = root / "cache"
-        return built[backend]
+        root = tmp_path_factory.mktemp(f"pristine-{backend}")
+        data = job_data(root / "cache", corpus_dir, tiny_causal_lm_dir, root / "unused", storage={"backend": backend})
+        build_cache(config_from_dict(data), progress=False)
+        return root / "cache"
 
     return get
 

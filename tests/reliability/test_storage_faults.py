@@ -11,6 +11,7 @@ that it equals an uninterrupted build.
 from __future__ import annotations
 
 import errno
+import functools
 import json
 import os
 from pathlib import Path
@@ -170,16 +171,14 @@ def _records(cache: Path) -> RecordBlock:
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory, corpus_dir, tiny_causal_lm_dir):
     """Uninterrupted builds, by backend (built on first use)."""
-    built: dict[str, RecordBlock] = {}
 
+    @functools.cache
     def get(backend: str) -> RecordBlock:
-        if backend not in built:
-            directory = tmp_path_factory.mktemp(f"reference-{backend}")
-            path = _config(directory, corpus_dir, tiny_causal_lm_dir, backend)
-            result = CliRunner().invoke(main, ["build", "--no-progress", str(path)])
-            assert result.exit_code == 0, result.output
-            built[backend] = _records(directory / "cache")
-        return built[backend]
+        directory = tmp_path_factory.mktemp(f"reference-{backend}")
+        path = _config(directory, corpus_dir, tiny_causal_lm_dir, backend)
+        result = CliRunner().invoke(main, ["build", "--no-progress", str(path)])
+        assert result.exit_code == 0, result.output
+        return _records(directory / "cache")
 
     return get
 
