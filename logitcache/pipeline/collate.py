@@ -15,6 +15,11 @@ of a record, not left context, not padding) and the hard next-token target
 token, on context and on padding). Top-k ids and float32 log-probs are ``[B, L, k]``;
 sampled ids and counts are ``[B, L, S]`` padded with count 0.
 
+A packer made with ``decode=False`` leaves the top-k in the cache's stored types (id bits
+and codec values, see :mod:`~logitcache.pipeline.stored_topk`): a quarter of the bytes to
+copy and to ship out of a DataLoader worker at k = 64. :meth:`TokenBatch.decoded` widens
+them wherever the batch is, typically on the GPU after ``batch.to(device)``.
+
 Classification caches are not packed (a classifier pools one sequence per row): one
 record per row, right-padded, with an attention mask.
 """
@@ -22,13 +27,14 @@ record per row, right-padded, with an attention mask.
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from typing import Any
 
 import numpy as np
 import torch
 from torch import Tensor
 
+from logitcache.pipeline.stored_topk import StoredTopK, id_bits, widen_topk
 from logitcache.storage_schemas.layout import RecordLayout
 
 IGNORE_INDEX = -100
@@ -61,18 +67,27 @@ class TokenBatch(_Movable):
     segment: Tensor  # int32 [B, L]: index of the slot's record in ``record_ids``, -1 on padding
     label_mask: Tensor  # bool [B, L]
     hard_targets: Tensor  # int64 [B, L], IGNORE_INDEX where none
-    topk_ids: Tensor | None = None  # int64 [B, L, k]
-    topk_logprobs: Tensor | None = None  # float32 [B, L, k]
+    topk_ids: Tensor | None = None  # int64 [B, L, k] (stored form: the stored ids' bits)
+    topk_logprobs: Tensor | None = None  # float32 [B, L, k] (stored form: the codec's values)
     sample_ids: Tensor | None = None  # int64 [B, L, S]
     sample_counts: Tensor | None = None  # float32 [B, L, S]
     record_ids: np.ndarray  # uint64 [R]
     langs: list[str]  # [R]
     cursors: list[tuple[int, int, int, int]]  # the reader's resume cursors of the R records
     tokens: int  # real (non-padding) tokens
+    stored: StoredTopK | None = None  # set while the top-k are in the cache's stored types
 
     @property
     def slots(self) -> int:
         return int(self.input_ids.numel())
+
+    def decoded(self) -> TokenBatch:
+        """This batch with int64 top-k ids and float32 log-probs, computed on the device the
+        tensors are on (itself when already decoded)."""
+        if self.stored is None or self.topk_ids is None:
+            return self
+        ids, logprobs = widen_topk(self.topk_ids, self.topk_logprobs, self.label_mask, self.stored)
+        return replace(self, topk_ids=ids, topk_logprobs=logprobs, stored=None)
 
     def position_langs(self) -> np.ndarray:
         """The language of each labelled position, in ``label_mask`` order."""
@@ -93,6 +108,10 @@ class SequenceBatch(_Movable):
     cursors: list[tuple[int, int, int, int]]
     tokens: int
 
+    def decoded(self) -> SequenceBatch:
+        """Itself: class log-probabilities are packed as float32 (they are few)."""
+        return self
+
 
 def rows_for(batch_tokens: int, length: int) -> int:
     """Rows of ``length`` slots in a batch of about ``batch_tokens`` tokens (at least one)."""
@@ -100,12 +119,16 @@ def rows_for(batch_tokens: int, length: int) -> int:
 
 
 class TokenPacker:
-    """Packs records of ``layout`` into ``TokenBatch``es of ``rows x length`` slots."""
+    """Packs records of ``layout`` into ``TokenBatch``es of ``rows x length`` slots; with
+    ``decode=False`` their top-k stay in the stored types (see :meth:`TokenBatch.decoded`)."""
 
-    def __init__(self, layout: RecordLayout, *, rows: int, length: int, pad_id: int = 0) -> None:
+    def __init__(self, layout: RecordLayout, *, rows: int, length: int, pad_id: int = 0,
+                 decode: bool = True) -> None:
         if not layout.is_token_level:
             raise ValueError(f"TokenPacker packs token-level caches, not {layout.kind}")
         self.layout, self.rows, self.length, self.pad_id = layout, rows, length, pad_id
+        self.decode = decode
+        self.stored = StoredTopK(layout.id_type, layout.value_codec) if layout.has_topk else None
 
     def pack(self, records: Iterable[Any]) -> Iterator[TokenBatch]:
         """Batches of the records in stream order; the last one may hold fewer rows' worth."""
@@ -135,10 +158,10 @@ class TokenPacker:
         segment = np.full((rows, length), -1, dtype=np.int32)
         label_mask = np.zeros((rows, length), dtype=bool)
         hard = np.full((rows, length), IGNORE_INDEX, dtype=np.int64)
-        topk_ids = topk_lp = sample_ids = sample_counts = None
-        if layout.has_topk:  # left empty: labelled slots are copied in, the rest filled below
-            topk_ids = np.empty((rows, length, layout.k), dtype=np.int64)
-            topk_lp = np.empty((rows, length, layout.k), dtype=np.float32)
+        topk_ids = topk_values = sample_ids = sample_counts = None
+        if self.stored is not None:  # left empty: labelled slots are copied in, the rest zeroed below
+            topk_ids = np.empty((rows, length, layout.k), dtype=self.stored.id_transport_dtype)
+            topk_values = np.empty((rows, length, layout.k), dtype=self.stored.value_dtype)
         if layout.has_samples:
             sample_ids = np.zeros((rows, length, layout.samples), dtype=np.int64)
             sample_counts = np.zeros((rows, length, layout.samples), dtype=np.float32)
@@ -159,9 +182,9 @@ class TokenPacker:
             label_mask[row, first:stop] = True
             hard[row, first:stop - 1] = record.input_ids[record.context_length + 1:]
             if topk_ids is not None:
-                _fill_unlabelled(topk_ids[row, start:first], topk_lp[row, start:first])  # left context
-                topk_ids[row, first:stop] = record.topk_ids  # widened from the stored id type
-                topk_lp[row, first:stop] = record.topk_logprobs
+                _fill_unlabelled(topk_ids[row, start:first], topk_values[row, start:first])  # left context
+                topk_ids[row, first:stop] = id_bits(record.topk_ids, layout.id_type)
+                topk_values[row, first:stop] = record.topk_values
             if sample_ids is not None:
                 _scatter_samples(record, sample_ids[row, first:stop], sample_counts[row, first:stop])
             used, tokens = stop, tokens + n
@@ -169,24 +192,27 @@ class TokenPacker:
         for r in range(rows):  # padding is its own segment of restarting positions
             position_ids[r, ends[r]:] = np.arange(length - ends[r])
             if topk_ids is not None:
-                _fill_unlabelled(topk_ids[r, ends[r]:], topk_lp[r, ends[r]:])
+                _fill_unlabelled(topk_ids[r, ends[r]:], topk_values[r, ends[r]:])
 
         def tensor(array):
             return None if array is None else torch.from_numpy(array)
 
-        return TokenBatch(
+        batch = TokenBatch(
             input_ids=tensor(input_ids), position_ids=tensor(position_ids), segment=tensor(segment),
             label_mask=tensor(label_mask), hard_targets=tensor(hard), topk_ids=tensor(topk_ids),
-            topk_logprobs=tensor(topk_lp), sample_ids=tensor(sample_ids), sample_counts=tensor(sample_counts),
+            topk_logprobs=tensor(topk_values), sample_ids=tensor(sample_ids), sample_counts=tensor(sample_counts),
             record_ids=np.array([r.record_id for r in records], dtype=np.uint64),
             langs=[r.lang for r in records], cursors=[tuple(r.cursor) for r in records], tokens=tokens,
+            stored=self.stored,
         )
+        return batch.decoded() if self.decode else batch
 
 
-def _fill_unlabelled(ids: np.ndarray, logprobs: np.ndarray) -> None:
-    """Slots with no label (context, padding): id 0 with log-probability -inf, i.e. no mass."""
+def _fill_unlabelled(ids: np.ndarray, values: np.ndarray) -> None:
+    """Stored slots with no label (context, padding) hold zeros, so batches are reproducible
+    byte for byte; decoding gives them id 0 and log-probability -inf, i.e. no mass."""
     ids.fill(0)
-    logprobs.fill(-np.inf)
+    values.fill(0)
 
 
 def _scatter_samples(record: Any, ids_out: np.ndarray, counts_out: np.ndarray) -> None:

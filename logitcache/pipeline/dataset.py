@@ -54,6 +54,7 @@ from logitcache.storage_schemas.layout import RecordLayout
 from logitcache.storage_schemas.manifest import Manifest
 from logitcache.storage_schemas.records import RecordBlock
 from logitcache.storage_schemas.shard_reader import CacheReader
+from logitcache.storage_schemas.value_codecs import get_value_codec
 
 Split = Literal["train", "eval", "all"]
 _STATE_FORMAT = "logitcache.CacheDataset/1"
@@ -67,14 +68,16 @@ _PER_PROCESS = ("_reader", "_pid", "_plans", "_verified", "_block_shard", "_bloc
 
 @dataclass(frozen=True, kw_only=True, slots=True)
 class CachedRecord:
-    """One record of the cache, decoded; arrays are views into the window's columns."""
+    """One record of the cache; arrays are views into its block's columns. Top-k ids and
+    values stay in their stored types (the packer copies them as they are, and batches are
+    widened on the device): :meth:`decoded_topk_logprobs` gives float32."""
 
     record_id: int
     lang: str
     input_ids: np.ndarray  # int64 [n]
     context_length: int  # leading tokens with no label; 0 for sequence_probs
     topk_ids: np.ndarray | None  # stored id type (uint8/16/32) [n - context_length, k]
-    topk_logprobs: np.ndarray | None  # float32 [n - context_length, k]
+    topk_values: np.ndarray | None  # the value codec's stored values [n - context_length, k]
     sample_offsets: np.ndarray | None  # int64 [n - context_length + 1], from 0
     sample_ids: np.ndarray | None  # int64 [S]
     sample_counts: np.ndarray | None  # int64 [S]
@@ -82,6 +85,11 @@ class CachedRecord:
     class_logprobs: np.ndarray | None  # float32 [C]
     label: int  # gold label of sequence_probs, -1 when none or not that kind
     cursor: tuple[int, int, int, int]  # (epoch, window, index in window, window size)
+    value_codec: str = "float32"  # the codec of ``topk_values``
+
+    def decoded_topk_logprobs(self) -> np.ndarray | None:
+        """float32 ``[n - context_length, k]`` top-k log-probabilities."""
+        return None if self.topk_values is None else get_value_codec(self.value_codec).decode(self.topk_values)
 
 
 def _mix(values: np.ndarray) -> np.ndarray:
@@ -319,13 +327,15 @@ class CacheDataset(IterableDataset):
                 raise corrupt_shard_error(str(error), cache=self._url) from None
         if not parts:
             return
-        block = RecordBlock.concat(parts)
-        rows = self._select(block, epoch)
+        # the window's records are numbered across its blocks, which are never concatenated:
+        # a copy of every column would cost more than the per-record lookup of its block
+        firsts = np.cumsum([0] + [part.num_records for part in parts])
+        rows = np.concatenate([self._select(part, epoch) + first for part, first in zip(parts, firsts[:-1], strict=True)])
         if self.shuffle_buffer > 0:
             rng = np.random.default_rng([self.seed, epoch, window, _SALT_RECORDS])
             rows = rows[rng.permutation(len(rows))]
         if start < len(rows):
-            yield from _records(block, self.layout, rows, start, (epoch, window))
+            yield from _records(parts, firsts, self.layout, rows, start, (epoch, window))
 
     # ------------------------------------------------------------------ progress
 
@@ -433,43 +443,55 @@ def _resolve_rank(rank: int | None, world_size: int | None) -> tuple[int, int]:
     return rank, world_size
 
 
-def _records(block: RecordBlock, layout: RecordLayout, rows: np.ndarray, start: int,
-             where: tuple[int, int]) -> Iterator[CachedRecord]:
-    """The records ``rows[start:]`` of ``block``; every column is decoded once, up front."""
-    tok = block.token_offsets - block.token_offsets[0]
-    lab = block.label_offsets
-    ids = block.input_ids.astype(np.int64)
-    context = (block.context_length.astype(np.int64) if layout.is_token_level
-               else np.zeros(block.num_records, np.int64))
-    topk_ids = topk_lp = s_off = s_ids = s_counts = entropy = class_lp = labels = None
-    if layout.has_topk:
-        topk_ids = block.topk_ids  # the stored id type; the packer widens ids as it copies them
-        topk_lp = block.decoded_topk_logprobs(layout).astype(np.float32, copy=False)
-    if layout.has_samples:
-        s_off = block.sample_offsets - block.sample_offsets[0]
-        s_ids, s_counts = block.sample_ids.astype(np.int64), block.sample_counts.astype(np.int64)
-    if block.entropy is not None:
-        entropy = block.entropy.astype(np.float32)
-    if block.class_logprobs is not None:
-        class_lp = block.decoded_class_logprobs(layout).astype(np.float32, copy=False)
-        labels = block.label.astype(np.int64)
-    record_ids, langs = block.record_id.tolist(), block.lang.tolist()
-    for index in range(start, len(rows)):
-        r = int(rows[index])
-        p0, p1 = int(lab[r]), int(lab[r + 1])
-        yield CachedRecord(
-            record_id=record_ids[r], lang=str(langs[r]), input_ids=ids[tok[r]:tok[r + 1]],
-            context_length=int(context[r]),
-            topk_ids=None if topk_ids is None else topk_ids[p0:p1],
-            topk_logprobs=None if topk_lp is None else topk_lp[p0:p1],
+class _Columns:
+    """One block's columns as records are sliced from them (offsets from zero, input ids
+    int64, small columns decoded; top-k left in their stored types)."""
+
+    def __init__(self, block: RecordBlock, layout: RecordLayout) -> None:
+        self.tok = block.token_offsets - block.token_offsets[0]
+        self.lab = block.label_offsets
+        self.ids = block.input_ids.astype(np.int64)
+        self.context = (block.context_length.astype(np.int64) if layout.is_token_level
+                        else np.zeros(block.num_records, np.int64))
+        self.topk_ids, self.topk_values = block.topk_ids, block.topk_logprobs
+        self.s_off = self.s_ids = self.s_counts = self.entropy = self.class_lp = self.labels = None
+        if layout.has_samples:
+            self.s_off = block.sample_offsets - block.sample_offsets[0]
+            self.s_ids, self.s_counts = block.sample_ids.astype(np.int64), block.sample_counts.astype(np.int64)
+        if block.entropy is not None:
+            self.entropy = block.entropy.astype(np.float32)
+        if block.class_logprobs is not None:
+            self.class_lp = block.decoded_class_logprobs(layout).astype(np.float32, copy=False)
+            self.labels = block.label.astype(np.int64)
+        self.record_ids, self.langs = block.record_id.tolist(), block.lang.tolist()
+
+    def record(self, r: int, cursor: tuple[int, int, int, int], value_codec: str) -> CachedRecord:
+        p0, p1 = int(self.lab[r]), int(self.lab[r + 1])
+        s_off = self.s_off
+        return CachedRecord(
+            record_id=self.record_ids[r], lang=str(self.langs[r]), input_ids=self.ids[self.tok[r]:self.tok[r + 1]],
+            context_length=int(self.context[r]),
+            topk_ids=None if self.topk_ids is None else self.topk_ids[p0:p1],
+            topk_values=None if self.topk_values is None else self.topk_values[p0:p1],
             sample_offsets=None if s_off is None else s_off[p0:p1 + 1] - s_off[p0],
-            sample_ids=None if s_ids is None else s_ids[s_off[p0]:s_off[p1]],
-            sample_counts=None if s_counts is None else s_counts[s_off[p0]:s_off[p1]],
-            entropy=None if entropy is None else entropy[p0:p1],
-            class_logprobs=None if class_lp is None else class_lp[r],
-            label=-1 if labels is None else int(labels[r]),
-            cursor=(*where, index, len(rows)),
+            sample_ids=None if s_off is None else self.s_ids[s_off[p0]:s_off[p1]],
+            sample_counts=None if s_off is None else self.s_counts[s_off[p0]:s_off[p1]],
+            entropy=None if self.entropy is None else self.entropy[p0:p1],
+            class_logprobs=None if self.class_lp is None else self.class_lp[r],
+            label=-1 if self.labels is None else int(self.labels[r]),
+            cursor=cursor, value_codec=value_codec,
         )
+
+
+def _records(blocks: list[RecordBlock], firsts: np.ndarray, layout: RecordLayout, rows: np.ndarray,
+             start: int, where: tuple[int, int]) -> Iterator[CachedRecord]:
+    """The records ``rows[start:]`` of a window, numbered across its ``blocks`` (block b's
+    records are ``firsts[b]:firsts[b + 1]``)."""
+    columns = [_Columns(block, layout) for block in blocks]
+    owner = np.searchsorted(firsts, rows, side="right") - 1
+    local = rows - firsts[owner]
+    for index in range(start, len(rows)):
+        yield columns[owner[index]].record(int(local[index]), (*where, index, len(rows)), layout.value_codec)
 
 
 def _to_ranges(values: set[int]) -> list[list[int]]:

@@ -71,6 +71,7 @@ def make_optimizer(model: torch.nn.Module, cfg: OptimizerConfig) -> torch.optim.
 def token_batch_loss(student: Student, batch: TokenBatch) -> LossOutput:
     """The student's loss on a packed batch: hidden states for all slots, then the chunked
     head + divergence on the labelled positions only."""
+    batch = batch.decoded()  # a no-op unless the top-k are still in their stored types
     with student.autocast():
         hidden = student.hidden_states(batch.input_ids, batch.position_ids)
         mask = batch.label_mask

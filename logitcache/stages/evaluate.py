@@ -66,7 +66,7 @@ def evaluate_students(cfg: JobConfig, students: dict[str, Student], *, texts: di
     rows = rows_for(cfg.train.batch_tokens, length)
     texts = texts or {}
     if layout.is_token_level:
-        packer: TokenPacker | SequencePacker = TokenPacker(layout, rows=rows, length=length,
+        packer: TokenPacker | SequencePacker = TokenPacker(layout, rows=rows, length=length, decode=False,
                                                            pad_id=shared_pad_id(students.values()))
         accumulators: dict[str, Any] = {name: LanguageMetrics() for name in students}
     else:
@@ -82,7 +82,7 @@ def evaluate_students(cfg: JobConfig, students: dict[str, Student], *, texts: di
             student.model.eval()
         with torch.no_grad():
             for batch in packer.pack(_limited(dataset, limit)):
-                batch = batch.to(next(iter(students.values())).device)
+                batch = batch.to(next(iter(students.values())).device).decoded()
                 for name, student in students.items():
                     if isinstance(batch, TokenBatch):
                         _token_eval(student, batch, accumulators[name])
@@ -108,6 +108,7 @@ def _limited(dataset: CacheDataset, limit: int | None):
 
 
 def _token_eval(student: Student, batch: TokenBatch, metrics: LanguageMetrics) -> None:
+    batch = batch.decoded()  # a no-op unless the top-k are still in their stored types
     mask = batch.label_mask
     with student.autocast():
         hidden = student.hidden_states(batch.input_ids, batch.position_ids)[mask]

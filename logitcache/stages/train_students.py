@@ -210,7 +210,7 @@ def _train(cfg: JobConfig, *, ranks: Ranks, resume: bool, progress: bool) -> Tra
                 break
             if batch is not None:
                 dataset.observe(batch.cursors)
-                batch = batch.to(device, non_blocking=True)
+                batch = batch.to(device, non_blocking=True).decoded()  # top-k widened on the device
             batches += 1
             for name, run in runs.items():
                 if run.done:
@@ -283,7 +283,8 @@ def _packer(cfg: JobConfig, manifest, students: list[Student]) -> TokenPacker | 
     rows = rows_for(cfg.train.batch_tokens, length)
     pad_id = shared_pad_id(students)
     if layout.is_token_level:
-        return TokenPacker(layout, rows=rows, length=length, pad_id=pad_id)
+        # stored types out of the workers: a quarter of the bytes at k = 64 (see stored_topk)
+        return TokenPacker(layout, rows=rows, length=length, pad_id=pad_id, decode=False)
     return SequencePacker(layout, rows=rows, pad_id=pad_id)
 
 

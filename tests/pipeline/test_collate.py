@@ -7,18 +7,24 @@ import pytest
 import torch
 
 from logitcache.pipeline.collate import IGNORE_INDEX, SequencePacker, TokenPacker, pad_sequences
+from logitcache.storage_schemas.value_codecs import get_value_codec
 from tests.factories import make_layout
 
 
-def record(index: int, n: int, *, context: int = 0, k: int = 3, samples: int = 0, rng=None):
+def record(index: int, n: int, *, context: int = 0, k: int = 3, samples: int = 0, rng=None,
+           value_codec: str = "float16"):
+    """A record as the dataset hands it over: top-k in the stored types of a 50-id vocabulary."""
     rng = rng or np.random.default_rng(index)
     labelled = n - context
+    logprobs = np.ascontiguousarray(np.sort(-4 * rng.random((labelled, k)).astype(np.float32), axis=1)[:, ::-1])
     rec = SimpleNamespace(
         record_id=1000 + index, lang=["en", "de"][index % 2], cursor=(0, 0, index, 99),
         input_ids=np.arange(n, dtype=np.int64) + 10 * index, context_length=context,
-        topk_ids=rng.integers(0, 50, size=(labelled, k)), topk_logprobs=-rng.random((labelled, k)).astype(np.float32),
+        topk_ids=rng.integers(0, 50, size=(labelled, k)).astype(np.uint8),
+        topk_values=get_value_codec(value_codec).encode(logprobs),
         sample_offsets=None, sample_ids=None, sample_counts=None, class_logprobs=None, label=-1,
     )
+    rec.topk_logprobs = get_value_codec(value_codec).decode(rec.topk_values)  # what decoding must give
     if samples:
         per = rng.integers(1, samples + 1, size=labelled)
         rec.sample_offsets = np.concatenate([[0], np.cumsum(per)])
@@ -43,7 +49,7 @@ def test_records_are_packed_in_order_with_restarting_positions():
     assert batch.label_mask[0].tolist() == [True] * 5 + [False, False, True, True, False]
     assert batch.hard_targets[0, :5].tolist() == [1, 2, 3, 4, IGNORE_INDEX]
     assert batch.hard_targets[0, 5:].tolist() == [IGNORE_INDEX, IGNORE_INDEX, 13, IGNORE_INDEX, IGNORE_INDEX]
-    assert torch.equal(batch.topk_ids[0, 7:9], torch.from_numpy(records[1].topk_ids))
+    assert torch.equal(batch.topk_ids[0, 7:9], torch.from_numpy(records[1].topk_ids.astype(np.int64)))
     assert torch.isinf(batch.topk_logprobs[0, 9]).all()
     assert batch.tokens == 19 and batch.langs == ["en", "de", "en", "de"]
     assert [c[2] for c in batch.cursors] == [0, 1, 2, 3]
@@ -102,22 +108,48 @@ def test_pad_sequences_and_pinning_roundtrip():
     assert torch.equal(moved.input_ids, batch.input_ids) and moved.record_ids is batch.record_ids
 
 
-@pytest.mark.parametrize("id_type", [np.uint16, np.int64])
-def test_every_slot_without_a_label_carries_no_mass_and_ids_are_widened(id_type):
-    """The top-k outputs start uninitialised: context, padding and unused rows must all be filled."""
-    layout = make_layout("token_topk", k=3, vocab_size=50)
-    records = [record(i, n, context=c) for i, (n, c) in enumerate([(6, 2), (5, 0), (8, 3), (2, 1)])]
-    for rec in records:
-        rec.topk_ids = rec.topk_ids.astype(id_type)  # the dataset hands over the stored id type
+@pytest.mark.parametrize("value_codec", ["q8", "float16", "float32"])
+@pytest.mark.parametrize("vocab_size", [50, 40_000, 70_000])
+def test_every_slot_without_a_label_carries_no_mass_and_ids_are_widened(value_codec, vocab_size):
+    """The top-k outputs start uninitialised: context, padding and unused rows must all be filled,
+    and ids above the signed range of their transport type come back unsigned."""
+    layout = make_layout("token_topk", k=3, vocab_size=vocab_size, value_codec=value_codec)
+    records = [record(i, n, context=c, value_codec=value_codec)
+               for i, (n, c) in enumerate([(6, 2), (5, 0), (8, 3), (2, 1)])]
+    for rec in records:  # ids near the top of the vocabulary: their stored bits are negative as signed
+        rec.topk_ids = (vocab_size - 1 - rec.topk_ids.astype(np.int64)).astype(layout.id_type)
     # garbage in the allocator's free memory would show up below if a slot were left unfilled
     for _ in range(3):
         np.full((3, 12, 3), 777, dtype=np.int64), np.full((3, 12, 3), 5.0, dtype=np.float32)
     batch = next(TokenPacker(layout, rows=3, length=12).pack(records))  # row 2 stays unused
     unlabelled = ~batch.label_mask
-    assert batch.topk_ids.dtype == torch.int64
+    assert batch.stored is None and batch.topk_ids.dtype == torch.int64 and batch.topk_logprobs.dtype == torch.float32
     assert (batch.topk_ids[unlabelled] == 0).all()
     assert torch.isneginf(batch.topk_logprobs[unlabelled]).all()
     assert not unlabelled[2].logical_not().any()  # the unused row: nothing labelled
     labelled_ids = torch.cat([torch.from_numpy(r.topk_ids.astype(np.int64)) for r in records])
     assert torch.equal(batch.topk_ids[batch.label_mask], labelled_ids)
     assert torch.equal(batch.topk_logprobs[batch.label_mask], torch.cat([torch.from_numpy(r.topk_logprobs) for r in records]))
+
+
+@pytest.mark.parametrize("value_codec", ["q8", "float16"])
+def test_stored_batches_are_a_fraction_of_the_bytes_and_decode_to_the_same_batch(value_codec):
+    layout = make_layout("token_topk", k=8, vocab_size=40_000, value_codec=value_codec)
+    rng = np.random.default_rng(5)
+    records = [record(i, int(rng.integers(2, 9)), context=1, k=8, rng=rng, value_codec=value_codec)
+               for i in range(12)]
+    for rec in records:
+        rec.topk_ids = rng.integers(0, 40_000, size=rec.topk_ids.shape).astype(np.uint16)
+    decoded = list(TokenPacker(layout, rows=2, length=16).pack(records))
+    stored = list(TokenPacker(layout, rows=2, length=16, decode=False).pack(records))
+    assert len(stored) == len(decoded) > 1
+    for s, d in zip(stored, decoded, strict=True):
+        assert s.stored is not None and s.topk_ids.dtype == torch.int16
+        assert s.topk_logprobs.dtype == {"q8": torch.uint8, "float16": torch.float16}[value_codec]
+        wide_bytes = d.topk_ids.nbytes + d.topk_logprobs.nbytes
+        # uint16 + uint8 against int64 + float32: 3 of 12 bytes; with float16 values 4 of 12
+        assert s.topk_ids.nbytes + s.topk_logprobs.nbytes == wide_bytes * {"q8": 3, "float16": 4}[value_codec] // 12
+        again = s.to("cpu").decoded()
+        assert again.stored is None and again.decoded() is again
+        for name in ("input_ids", "position_ids", "segment", "label_mask", "hard_targets", "topk_ids", "topk_logprobs"):
+            assert torch.equal(getattr(again, name), getattr(d, name)), name

@@ -290,9 +290,10 @@ def test_records_hold_the_decoded_columns(tmp_path, kind):
             continue
         assert rec.context_length == block.context_length[r]
         assert len(rec.topk_ids) == len(rec.input_ids) - rec.context_length == p1 - p0
-        assert rec.topk_ids.dtype == np.dtype(layout.id_type) and rec.topk_logprobs.dtype == np.float32
+        assert rec.topk_ids.dtype == np.dtype(layout.id_type) and rec.topk_values.dtype == block.topk_logprobs.dtype
         np.testing.assert_array_equal(rec.topk_ids, block.topk_ids[p0:p1])
-        np.testing.assert_array_equal(rec.topk_logprobs, block.decoded_topk_logprobs(layout)[p0:p1])
+        np.testing.assert_array_equal(rec.topk_values, block.topk_logprobs[p0:p1])
+        np.testing.assert_array_equal(rec.decoded_topk_logprobs(), block.decoded_topk_logprobs(layout)[p0:p1])
         s0, s1 = block.sample_offsets[p0], block.sample_offsets[p1]
         np.testing.assert_array_equal(rec.sample_offsets, block.sample_offsets[p0:p1 + 1] - s0)
         np.testing.assert_array_equal(rec.sample_ids, block.sample_ids[s0:s1])

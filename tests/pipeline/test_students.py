@@ -44,7 +44,7 @@ def test_packed_rows_give_each_record_the_hidden_states_it_has_alone(tokenizer_i
     for i, n in enumerate([5, 7, 3]):
         ids = (np.arange(n) * 13 + 7 * i) % 300 + 4
         records.append(dataclasses.make_dataclass("R", ["record_id", "lang", "cursor", "input_ids",
-                                                        "context_length", "topk_ids", "topk_logprobs"])(
+                                                        "context_length", "topk_ids", "topk_values"])(
             i, "en", (0, 0, i, 3), ids, 0, np.zeros((n, 4), dtype=np.int64), np.zeros((n, 4), dtype=np.float32)))
     batch = TokenPacker(manifest.layout, rows=1, length=16, pad_id=0).collate(records)
     with torch.no_grad():
