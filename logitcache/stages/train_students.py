@@ -171,7 +171,7 @@ def _train(cfg: JobConfig, *, ranks: Ranks, resume: bool, progress: bool) -> Tra
         raise StudentError("the training split of the cache is empty (every record is held out or filtered "
                            "out by train.languages); lower eval.held_out_fraction or widen the filter")
     loader = torch.utils.data.DataLoader(
-        PackedBatches(dataset, _packer(cfg, manifest, students)), batch_size=None,
+        PackedBatches(dataset, _packer(cfg, manifest, students, device=device)), batch_size=None,
         num_workers=train.num_workers, pin_memory=device.type == "cuda",
         persistent_workers=train.num_workers > 0)
     if resume and ranks.is_main:  # what a killed run logged past its checkpoint is logged again below
@@ -277,14 +277,17 @@ def own_texts(cfg: JobConfig, student: Student) -> StudentTexts:
                                        for key, ids in zip(keys, encoded, strict=True)})
 
 
-def _packer(cfg: JobConfig, manifest, students: list[Student]) -> TokenPacker | SequencePacker:
+def _packer(cfg: JobConfig, manifest, students: list[Student], *,
+            device: torch.device) -> TokenPacker | SequencePacker:
     layout = manifest.layout
     length = int(manifest.windows.get("max_length") or cfg.windows.max_length)
     rows = rows_for(cfg.train.batch_tokens, length)
     pad_id = shared_pad_id(students)
     if layout.is_token_level:
-        # stored types out of the workers: a quarter of the bytes at k = 64 (see stored_topk)
-        return TokenPacker(layout, rows=rows, length=length, pad_id=pad_id, decode=False)
+        # top-k leave the workers in their stored types, a quarter of the bytes at k = 64, and
+        # are widened on the GPU; a CPU trainer leaves the widening to its workers, if it has any
+        decode = device.type == "cpu" and cfg.train.num_workers > 0
+        return TokenPacker(layout, rows=rows, length=length, pad_id=pad_id, decode=decode)
     return SequencePacker(layout, rows=rows, pad_id=pad_id)
 
 
