@@ -448,6 +448,7 @@ class _Columns:
     int64, small columns decoded; top-k left in their stored types)."""
 
     def __init__(self, block: RecordBlock, layout: RecordLayout) -> None:
+        self.value_codec = layout.value_codec
         self.tok = block.token_offsets - block.token_offsets[0]
         self.lab = block.label_offsets
         self.ids = block.input_ids.astype(np.int64)
@@ -465,7 +466,7 @@ class _Columns:
             self.labels = block.label.astype(np.int64)
         self.record_ids, self.langs = block.record_id.tolist(), block.lang.tolist()
 
-    def record(self, r: int, cursor: tuple[int, int, int, int], value_codec: str) -> CachedRecord:
+    def record(self, r: int, cursor: tuple[int, int, int, int]) -> CachedRecord:
         p0, p1 = int(self.lab[r]), int(self.lab[r + 1])
         s_off = self.s_off
         return CachedRecord(
@@ -479,7 +480,7 @@ class _Columns:
             entropy=None if self.entropy is None else self.entropy[p0:p1],
             class_logprobs=None if self.class_lp is None else self.class_lp[r],
             label=-1 if self.labels is None else int(self.labels[r]),
-            cursor=cursor, value_codec=value_codec,
+            cursor=cursor, value_codec=self.value_codec,
         )
 
 
@@ -491,7 +492,7 @@ def _records(blocks: list[RecordBlock], firsts: np.ndarray, layout: RecordLayout
     owner = np.searchsorted(firsts, rows, side="right") - 1
     local = rows - firsts[owner]
     for index in range(start, len(rows)):
-        yield columns[owner[index]].record(int(local[index]), (*where, index, len(rows)), layout.value_codec)
+        yield columns[owner[index]].record(int(local[index]), (*where, index, len(rows)))
 
 
 def _to_ranges(values: set[int]) -> list[list[int]]:

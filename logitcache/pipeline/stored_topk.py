@@ -61,9 +61,12 @@ def widen_ids(bits: Tensor, id_type: str) -> Tensor:
 
 
 def decode_values(stored: Tensor, value_codec: str) -> Tensor:
-    """float32 log-probabilities from the codec's stored values, on the tensor's device."""
+    """float32 log-probabilities from the codec's stored values, on the tensor's device, in
+    new memory (the caller may write to it without touching ``stored``)."""
     if stored.device.type == "cpu":
-        return torch.from_numpy(get_value_codec(value_codec).decode(stored.numpy()))
+        source = stored.numpy()
+        decoded = get_value_codec(value_codec).decode(source)
+        return torch.from_numpy(decoded.copy() if np.may_share_memory(decoded, source) else decoded)
     return decode_values_torch(stored, value_codec)
 
 
@@ -72,7 +75,7 @@ def decode_values_torch(stored: Tensor, value_codec: str) -> Tensor:
     if value_codec == "q8":  # deltas of levels modulo 256 along k: a wrapped running sum
         levels = torch.cumsum(stored, dim=-1, dtype=torch.int32).bitwise_and_(0xFF)
         return levels.to(torch.float32).mul_(-Q8_STEP)
-    return stored.to(torch.float32)
+    return stored.to(torch.float32, copy=True)  # float32 values too: never an alias of ``stored``
 
 
 def widen_topk(ids: Tensor, values: Tensor, label_mask: Tensor, stored: StoredTopK) -> tuple[Tensor, Tensor]:

@@ -132,7 +132,7 @@ def test_every_slot_without_a_label_carries_no_mass_and_ids_are_widened(value_co
     assert torch.equal(batch.topk_logprobs[batch.label_mask], torch.cat([torch.from_numpy(r.topk_logprobs) for r in records]))
 
 
-@pytest.mark.parametrize("value_codec", ["q8", "float16"])
+@pytest.mark.parametrize("value_codec", ["q8", "float16", "float32"])
 def test_stored_batches_are_a_fraction_of_the_bytes_and_decode_to_the_same_batch(value_codec):
     layout = make_layout("token_topk", k=8, vocab_size=40_000, value_codec=value_codec)
     rng = np.random.default_rng(5)
@@ -145,11 +145,13 @@ def test_stored_batches_are_a_fraction_of_the_bytes_and_decode_to_the_same_batch
     assert len(stored) == len(decoded) > 1
     for s, d in zip(stored, decoded, strict=True):
         assert s.stored is not None and s.topk_ids.dtype == torch.int16
-        assert s.topk_logprobs.dtype == {"q8": torch.uint8, "float16": torch.float16}[value_codec]
+        assert s.topk_logprobs.dtype == {"q8": torch.uint8, "float16": torch.float16, "float32": torch.float32}[value_codec]
         wide_bytes = d.topk_ids.nbytes + d.topk_logprobs.nbytes
-        # uint16 + uint8 against int64 + float32: 3 of 12 bytes; with float16 values 4 of 12
-        assert s.topk_ids.nbytes + s.topk_logprobs.nbytes == wide_bytes * {"q8": 3, "float16": 4}[value_codec] // 12
+        # uint16 + uint8 against int64 + float32: 3 of 12 bytes; with float16 values 4, float32 6
+        assert s.topk_ids.nbytes + s.topk_logprobs.nbytes == wide_bytes * {"q8": 3, "float16": 4, "float32": 6}[value_codec] // 12
+        before = s.topk_ids.clone(), s.topk_logprobs.clone()
         again = s.to("cpu").decoded()
+        assert torch.equal(s.topk_ids, before[0]) and torch.equal(s.topk_logprobs, before[1])  # left as stored
         assert again.stored is None and again.decoded() is again
         for name in ("input_ids", "position_ids", "segment", "label_mask", "hard_targets", "topk_ids", "topk_logprobs"):
             assert torch.equal(getattr(again, name), getattr(d, name)), name
