@@ -23,15 +23,17 @@ Reported per (k, backend, codec, compression, form, readers):
   cores; **sys %**: the kernel's share of that CPU time (page faults on freshly allocated
   and shared memory, mostly);
 - **main CPU %**: CPU time of the consuming process per wall second (with workers it
-  unpickles batches from shared memory and does nothing else here);
+  maps the workers' batches and does nothing else here);
 - **peak RSS +MB**: the largest growth of one reading process's resident memory (``VmHWM``
   after resetting it through ``/proc/self/clear_refs``).
 
 Where the time goes, in-process, stored form, in CPU nanoseconds per token, timed in place
 during one epoch: ``CacheReader.read_block`` (wrapped on its class), ``TokenPacker.collate``
 (an instance attribute), the rest (selection, shuffle, per-record slicing, the packer's
-loop); *to shm* is what a DataLoader worker adds per batch (``share_memory_()`` on its
-tensors, as torch's multiprocessing reductions do when a worker queues a batch); *decode*
+loop); *to shm* is what a DataLoader worker would add per batch if it packed into ordinary
+memory (``share_memory_()`` on its tensors, as torch's multiprocessing reductions do when a
+worker queues a batch): the cost that ``PackedBatches``' slot ring (reused shared memory,
+``pipeline/shared_batches.py``) saves a worker; *decode*
 is what ``TokenBatch.decoded()`` costs a trainer on the CPU (on a GPU it is a few
 elementwise kernels).
 
@@ -348,9 +350,9 @@ def instrumented_epoch(url: str, *, shuffle_buffer: int, packer: TokenPacker) ->
         finally:
             acc["read"] = acc.get("read", 0.0) + time.process_time() - started
 
-    def timed_collate(records):
+    def timed_collate(records, **kwargs):
         started = time.process_time()
-        batch = collate(records)
+        batch = collate(records, **kwargs)
         done = time.process_time()
         acc["pack"] = acc.get("pack", 0.0) + done - started
         if acc.get("extra_batches", 0) < TIMED_BATCHES:
@@ -464,7 +466,8 @@ def render(runs: list[Run], parts: Parts, *, command: str, tokens: int, shard_to
         "total): *read* = `CacheReader.read_block`; *pack* = `TokenPacker.collate`; *records* = the rest "
         "(selection, shuffle, per-record slicing, the packer's loop); *total* = the epoch; *sys %* = "
         "the kernel's share of it. Not in the total: *to shm* = moving a batch into shared memory "
-        "(`share_memory_()` on its tensors, as a DataLoader worker's queue does with every batch); "
+        "(`share_memory_()` on its tensors, as a DataLoader worker's queue does with every batch packed in "
+        "ordinary memory; the workers' slot ring of reused shared memory avoids it); "
         "*decode on CPU* = `TokenBatch.decoded()` on the host, what a trainer on the CPU pays (on a GPU "
         f"it runs on the device). At {_m(TARGET_TOKENS_S)} M tokens/s a token may take {budget:.0f} ns.",
         "",

@@ -34,6 +34,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from logitcache.pipeline.shared_batches import ArraySpec, SlotRing, new_arrays
 from logitcache.pipeline.stored_topk import StoredTopK, id_bits, widen_topk
 from logitcache.storage_schemas.layout import RecordLayout
 
@@ -56,6 +57,18 @@ class _Movable:
 
     def pin_memory(self) -> Any:
         return self._map(lambda t: t.pin_memory())
+
+    def attach_slot(self, ring: SlotRing, slot: Any) -> None:
+        """Say that this batch's tensors are views of ``slot`` of a worker's ``ring``: it is
+        then pickled as a reference to the slot (see :mod:`~logitcache.pipeline.shared_batches`)."""
+        self.__dict__["_slot"] = (ring, slot)
+
+    def __reduce_ex__(self, protocol: int) -> Any:
+        held = self.__dict__.get("_slot")
+        if held is not None:
+            ring, slot = held
+            return ring.reduce(self, slot)
+        return super().__reduce_ex__(protocol)
 
 
 @dataclass(kw_only=True)
@@ -129,9 +142,11 @@ class TokenPacker:
         self.layout, self.rows, self.length, self.pad_id = layout, rows, length, pad_id
         self.decode = decode
         self.stored = StoredTopK(layout.id_type, layout.value_codec) if layout.has_topk else None
+        self._stored_specs = self.array_specs(decoded=False)
 
-    def pack(self, records: Iterable[Any]) -> Iterator[TokenBatch]:
-        """Batches of the records in stream order; the last one may hold fewer rows' worth."""
+    def pack(self, records: Iterable[Any], *, ring: SlotRing | None = None) -> Iterator[TokenBatch]:
+        """Batches of the records in stream order (the last one may hold fewer rows' worth),
+        in ``ring``'s shared memory when one is given."""
         pending: list[Any] = []
         row, used = 0, 0
         for record in records:
@@ -143,28 +158,53 @@ class TokenPacker:
             if used + n > self.length:
                 row, used = row + 1, 0
                 if row == self.rows:
-                    yield self.collate(pending)
+                    yield self.collate(pending, ring=ring)
                     pending, row = [], 0
             pending.append(record)
             used += n
         if pending:
-            yield self.collate(pending)
+            yield self.collate(pending, ring=ring)
 
-    def collate(self, records: Sequence[Any]) -> TokenBatch:
-        """One batch of ``records`` (which must fit ``rows x length`` when laid in order)."""
+    def array_specs(self, *, decoded: bool) -> tuple[ArraySpec, ...]:
+        """The arrays of a batch, with the value each starts from; top-k in their stored
+        types, or widened (``decoded``)."""
         rows, length, layout = self.rows, self.length, self.layout
-        input_ids = np.full((rows, length), self.pad_id, dtype=np.int64)
-        position_ids = np.zeros((rows, length), dtype=np.int64)
-        segment = np.full((rows, length), -1, dtype=np.int32)
-        label_mask = np.zeros((rows, length), dtype=bool)
-        hard = np.full((rows, length), IGNORE_INDEX, dtype=np.int64)
-        topk_ids = topk_values = sample_ids = sample_counts = None
-        if self.stored is not None:  # left empty: labelled slots are copied in, the rest zeroed below
-            topk_ids = np.empty((rows, length, layout.k), dtype=self.stored.id_transport_dtype)
-            topk_values = np.empty((rows, length, layout.k), dtype=self.stored.value_dtype)
+        specs = [ArraySpec("input_ids", np.dtype(np.int64), (rows, length), self.pad_id),
+                 ArraySpec("position_ids", np.dtype(np.int64), (rows, length)),
+                 ArraySpec("segment", np.dtype(np.int32), (rows, length), -1),
+                 ArraySpec("label_mask", np.dtype(bool), (rows, length), False),
+                 ArraySpec("hard_targets", np.dtype(np.int64), (rows, length), IGNORE_INDEX)]
+        if self.stored is not None:  # left as they are: labelled slots are copied in, the rest zeroed
+            ids, values = ((np.int64, np.float32) if decoded
+                           else (self.stored.id_transport_dtype, self.stored.value_dtype))
+            specs += [ArraySpec("topk_ids", np.dtype(ids), (rows, length, layout.k)),
+                      ArraySpec("topk_logprobs", np.dtype(values), (rows, length, layout.k))]
         if layout.has_samples:
-            sample_ids = np.zeros((rows, length, layout.samples), dtype=np.int64)
-            sample_counts = np.zeros((rows, length, layout.samples), dtype=np.float32)
+            specs += [ArraySpec("sample_ids", np.dtype(np.int64), (rows, length, layout.samples), 0),
+                      ArraySpec("sample_counts", np.dtype(np.float32), (rows, length, layout.samples), 0)]
+        return tuple(specs)
+
+    def slot_ring(self, *, capacity: int = 6) -> SlotRing:
+        """Reusable shared memory for the batches of this packer, for a DataLoader worker."""
+        return SlotRing(self.array_specs(decoded=self.decode), capacity=capacity)
+
+    def collate(self, records: Sequence[Any], *, ring: SlotRing | None = None) -> TokenBatch:
+        """One batch of ``records`` (which must fit ``rows x length`` when laid in order), in
+        ``ring``'s shared memory when one is given."""
+        rows, length, layout = self.rows, self.length, self.layout
+        slot = None
+        if ring is not None:
+            arrays, slot = ring.take()
+        else:
+            arrays = new_arrays(self._stored_specs)
+        if slot is not None and self.decode and self.stored is not None:
+            stored_arrays = new_arrays(tuple(s for s in self._stored_specs if s.name.startswith("topk_")))
+        else:
+            stored_arrays = arrays
+        input_ids, position_ids, segment = arrays["input_ids"], arrays["position_ids"], arrays["segment"]
+        label_mask, hard = arrays["label_mask"], arrays["hard_targets"]
+        topk_ids, topk_values = stored_arrays.get("topk_ids"), stored_arrays.get("topk_logprobs")
+        sample_ids, sample_counts = arrays.get("sample_ids"), arrays.get("sample_counts")
 
         row, used, tokens = 0, 0, 0
         ends = np.zeros(rows, dtype=np.int64)
@@ -194,18 +234,24 @@ class TokenPacker:
             if topk_ids is not None:
                 _fill_unlabelled(topk_ids[r, ends[r]:], topk_values[r, ends[r]:])
 
-        def tensor(array):
-            return None if array is None else torch.from_numpy(array)
-
         batch = TokenBatch(
-            input_ids=tensor(input_ids), position_ids=tensor(position_ids), segment=tensor(segment),
-            label_mask=tensor(label_mask), hard_targets=tensor(hard), topk_ids=tensor(topk_ids),
-            topk_logprobs=tensor(topk_values), sample_ids=tensor(sample_ids), sample_counts=tensor(sample_counts),
+            **{name: torch.from_numpy(array) for name, array in arrays.items()},
             record_ids=np.array([r.record_id for r in records], dtype=np.uint64),
             langs=[r.lang for r in records], cursors=[tuple(r.cursor) for r in records], tokens=tokens,
             stored=self.stored,
         )
-        return batch.decoded() if self.decode else batch
+        if self.decode and self.stored is not None:
+            if slot is not None:  # widened into the slot's arrays, not new memory
+                ids, logprobs = widen_topk(torch.from_numpy(topk_ids), torch.from_numpy(topk_values),
+                                           batch.label_mask, self.stored)
+                batch.topk_ids.copy_(ids)
+                batch.topk_logprobs.copy_(logprobs)
+                batch = replace(batch, stored=None)
+            else:
+                batch = batch.decoded()
+        if slot is not None:
+            batch.attach_slot(ring, slot)
+        return batch
 
 
 def _fill_unlabelled(ids: np.ndarray, values: np.ndarray) -> None:
@@ -276,11 +322,18 @@ class PackedBatches(torch.utils.data.IterableDataset):
 
     ``dataset`` stays reachable as ``.dataset`` in the main process, where the training loop
     reports consumed batches to it (``dataset.observe(batch.cursors)``) for exact resume.
+    Inside a DataLoader worker, token batches are packed into the worker's ring of reusable
+    shared memory (:mod:`~logitcache.pipeline.shared_batches`), kept across epochs.
     """
 
-    def __init__(self, dataset: Any, packer: TokenPacker | SequencePacker) -> None:
+    def __init__(self, dataset: Any, packer: TokenPacker | SequencePacker, *, slots: int = 6) -> None:
         super().__init__()
-        self.dataset, self.packer = dataset, packer
+        self.dataset, self.packer, self.slots = dataset, packer, slots
+        self._ring: SlotRing | None = None
 
     def __iter__(self) -> Iterator[TokenBatch | SequenceBatch]:
+        if isinstance(self.packer, TokenPacker) and self.slots and torch.utils.data.get_worker_info() is not None:
+            if self._ring is None:
+                self._ring = self.packer.slot_ring(capacity=self.slots)
+            return self.packer.pack(iter(self.dataset), ring=self._ring)
         return self.packer.pack(iter(self.dataset))
