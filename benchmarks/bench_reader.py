@@ -6,7 +6,9 @@ this measures the whole path a training step sees: ``CacheDataset`` (read each b
 ``CacheReader.read_block``, shuffle a window's records, slice them) -> ``PackedBatches`` /
 ``TokenPacker`` (records packed into ``TokenBatch``es of ``rows x 512`` slots) ->
 ``torch.utils.data.DataLoader(batch_size=None)`` with 0 (in-process), 1 or 2 worker
-processes, as ``train_students`` builds it. One epoch of the cache per run.
+processes, as ``train_students`` builds it (persistent workers). Each run takes two epochs
+of the cache on one loader and times the second, when the reading processes are warm, as
+they are for most of a training run.
 
 Two forms of batch: *stored*, what ``train_students`` ships (``TokenPacker(decode=False)``:
 top-k ids and values in the cache's stored types, widened by ``TokenBatch.decoded()`` on the
@@ -16,7 +18,7 @@ in-process for comparison.
 Reported per (k, backend, codec, compression, form, readers):
 
 - **Mtok/s**: real (non-padding) tokens delivered per wall-clock second, from creating the
-  iterator (worker start-up included) to the last batch; **per reader**: divided by the
+  timed epoch's iterator (workers already running) to its last batch; **per reader**: divided by the
   number of reading processes;
 - **Mtok per reader CPU-s**: tokens per CPU-second of the reading processes (measured inside
   each with ``time.process_time``): the per-core rate even when other processes share the
@@ -24,8 +26,8 @@ Reported per (k, backend, codec, compression, form, readers):
   and shared memory, mostly);
 - **main CPU %**: CPU time of the consuming process per wall second (with workers it
   maps the workers' batches and does nothing else here);
-- **peak RSS +MB**: the largest growth of one reading process's resident memory (``VmHWM``
-  after resetting it through ``/proc/self/clear_refs``).
+- **peak RSS +MB**: the largest growth of one reading process's resident memory over both
+  epochs (``VmHWM`` after resetting it through ``/proc/self/clear_refs``).
 
 Where the time goes, in-process, stored form, in CPU nanoseconds per token, timed in place
 during one epoch: ``CacheReader.read_block`` (wrapped on its class), ``TokenPacker.collate``
@@ -156,16 +158,20 @@ def _reset_peak_rss() -> None:
 
 class _Measured(IterableDataset):
     """Wraps a batch iterable; each reading process writes its CPU time, tokens and peak
-    RSS growth to ``stats_dir`` when its share of the epoch is done."""
+    RSS growth (since its first epoch began) to ``stats_dir`` when its share of an epoch is
+    done."""
 
     def __init__(self, inner: IterableDataset, stats_dir: str) -> None:
         super().__init__()
         self.inner, self.stats_dir = inner, stats_dir
+        self.rss0: int | None = None
 
     def __iter__(self) -> Iterator[TokenBatch]:
         info = get_worker_info()
-        rss0 = _proc_kb("VmRSS")
-        _reset_peak_rss()
+        if self.rss0 is None:
+            self.rss0 = _proc_kb("VmRSS")
+            _reset_peak_rss()
+        rss0 = self.rss0
         cpu0, times0, tokens, batches = time.process_time(), os.times(), 0, 0
         for batch in self.inner:
             tokens += batch.tokens
@@ -279,9 +285,9 @@ def _consume(batches: Iterator[TokenBatch]) -> tuple[int, int, int]:
 
 def run_loader(url: str, cfg: Config, *, workers: int, shuffle_buffer: int, packer: TokenPacker,
                stats_dir: Path) -> Run:
-    """One epoch through ``DataLoader(PackedBatches(CacheDataset))`` with ``workers`` processes."""
-    for old in stats_dir.glob("*.json"):
-        old.unlink()
+    """One timed epoch through ``DataLoader(PackedBatches(CacheDataset))`` with ``workers``
+    processes, after an untimed one on the same loader: persistent workers, as
+    ``train_students`` has them, so the timed epoch sees warm processes, as a long run does."""
     if workers == 0:
         pin_to(ALL_CPUS[:1])
     elif workers == 1 and len(ALL_CPUS) > 1:
@@ -290,7 +296,11 @@ def run_loader(url: str, cfg: Config, *, workers: int, shuffle_buffer: int, pack
         pin_to(ALL_CPUS)
     dataset = CacheDataset(url, seed=SEED, epochs=1, shuffle_buffer=shuffle_buffer)
     loader = DataLoader(_Measured(PackedBatches(dataset, packer), str(stats_dir)), batch_size=None,
-                        num_workers=workers, worker_init_fn=_pin_worker if workers else None)
+                        num_workers=workers, worker_init_fn=_pin_worker if workers else None,
+                        persistent_workers=workers > 0)
+    _consume(iter(loader))  # the untimed epoch
+    for old in stats_dir.glob("*.json"):
+        old.unlink()
     cpu0, started = time.process_time(), time.perf_counter()
     iterator = iter(loader)
     tokens, batches, slots = _consume(iterator)
@@ -440,9 +450,9 @@ def render(runs: list[Run], parts: Parts, *, command: str, tokens: int, shard_to
         "",
         "#### Tokens/s to packed batches",
         "",
-        "One epoch per run. *form*: `stored` = top-k in the cache's stored types, what `train_students` "
+        "Two epochs per run on one loader (persistent workers), the second timed. *form*: `stored` = top-k in the cache's stored types, what `train_students` "
         "ships and widens on the device; `decoded` = int64 ids and float32 log-probs packed on the host. "
-        "*Mtok/s*: real tokens delivered per wall second, start-up included. *per reader*: divided by "
+        "*Mtok/s*: real tokens delivered per wall second of the timed (second) epoch. *per reader*: divided by "
         "the reading processes. *per reader CPU-s*: tokens per CPU-second of the reading processes, the "
         "per-core rate whatever else runs on the machine. *sys %*: the kernel's share of that CPU time. "
         "*main CPU %*: the consuming process's CPU time per wall second. *peak RSS +MB*: the largest "
