@@ -58,16 +58,15 @@ class _Movable:
     def pin_memory(self) -> Any:
         return self._map(lambda t: t.pin_memory())
 
-    def attach_slot(self, ring: SlotRing, slot: Any) -> None:
-        """Say that this batch's tensors are views of ``slot`` of a worker's ``ring``: it is
-        then pickled as a reference to the slot (see :mod:`~logitcache.pipeline.shared_batches`)."""
-        self.__dict__["_slot"] = (ring, slot)
+    def attach_slot(self, slot: Any) -> None:
+        """Say that this batch's tensors are views of ``slot`` of a worker's ring: it is then
+        pickled as a reference to the slot (see :mod:`~logitcache.pipeline.shared_batches`)."""
+        self.__dict__["_slot"] = slot
 
     def __reduce_ex__(self, protocol: int) -> Any:
-        held = self.__dict__.get("_slot")
-        if held is not None:
-            ring, slot = held
-            return ring.reduce(self, slot)
+        slot = self.__dict__.get("_slot")
+        if slot is not None:
+            return slot.reduce(self)
         return super().__reduce_ex__(protocol)
 
 
@@ -235,22 +234,18 @@ class TokenPacker:
                 _fill_unlabelled(topk_ids[r, ends[r]:], topk_values[r, ends[r]:])
 
         batch = TokenBatch(
-            **{name: torch.from_numpy(array) for name, array in arrays.items()},
+            **{name: torch.from_numpy(array) for name, array in {**arrays, **stored_arrays}.items()},
             record_ids=np.array([r.record_id for r in records], dtype=np.uint64),
             langs=[r.lang for r in records], cursors=[tuple(r.cursor) for r in records], tokens=tokens,
             stored=self.stored,
         )
-        if self.decode and self.stored is not None:
-            if slot is not None:  # widened into the slot's arrays, not new memory
-                ids, logprobs = widen_topk(torch.from_numpy(topk_ids), torch.from_numpy(topk_values),
-                                           batch.label_mask, self.stored)
-                batch.topk_ids.copy_(ids)
-                batch.topk_logprobs.copy_(logprobs)
-                batch = replace(batch, stored=None)
-            else:
-                batch = batch.decoded()
+        if self.decode:
+            batch = batch.decoded()
+            if stored_arrays is not arrays:  # the widened top-k go into the slot, not new memory
+                batch = replace(batch, topk_ids=torch.from_numpy(arrays["topk_ids"]).copy_(batch.topk_ids),
+                                topk_logprobs=torch.from_numpy(arrays["topk_logprobs"]).copy_(batch.topk_logprobs))
         if slot is not None:
-            batch.attach_slot(ring, slot)
+            batch.attach_slot(slot)
         return batch
 
 

@@ -87,6 +87,24 @@ class _Slot:
         self.arrays = {spec.name: _view(self.memory, spec, offset)
                        for spec, offset in zip(layout.specs, layout.offsets, strict=True)}
 
+    def reduce(self, batch: Any) -> tuple:
+        """How ``batch`` (a dataclass whose tensor fields view this slot) is pickled: the
+        slot's storage (shared by descriptor), where each field lies in it, and the other
+        fields. A field that no longer views the slot (replaced after packing) is pickled as
+        it is."""
+        in_slot, others = [], {}
+        base = self.memory.ctypes.data
+        for spec_field in fields(batch):
+            value = getattr(batch, spec_field.name)
+            array = self.arrays.get(spec_field.name)
+            if (array is not None and isinstance(value, torch.Tensor)
+                    and value.data_ptr() == array.ctypes.data and tuple(value.shape) == array.shape
+                    and value.is_contiguous() and value.dtype == _torch_dtype(array.dtype)):
+                in_slot.append((spec_field.name, array.dtype.str, array.shape, array.ctypes.data - base))
+            else:
+                others[spec_field.name] = value
+        return _rebuild, (type(batch), self.storage, tuple(in_slot), others)
+
 
 class SlotRing:
     """A DataLoader worker's slots for batches of one layout."""
@@ -114,25 +132,6 @@ class SlotRing:
             if spec.fill is not None:
                 slot.arrays[spec.name].fill(spec.fill)
         return slot.arrays, slot
-
-    def reduce(self, batch: Any, slot: _Slot) -> tuple:
-        """How ``batch`` (a dataclass whose tensor fields view ``slot``) is pickled: the slot's
-        storage (shared by descriptor) and the other fields. A field that no longer views the
-        slot (replaced after packing) is pickled as it is."""
-        in_slot, others = [], {}
-        by_name = dict(zip((s.name for s in self.layout.specs), self.layout.offsets, strict=True))
-        base = slot.memory.ctypes.data
-        for spec_field in fields(batch):
-            value = getattr(batch, spec_field.name)
-            offset = by_name.get(spec_field.name)
-            array = slot.arrays.get(spec_field.name)
-            if (offset is not None and isinstance(value, torch.Tensor) and array is not None
-                    and value.data_ptr() == base + offset and tuple(value.shape) == array.shape
-                    and value.is_contiguous() and value.dtype == _torch_dtype(array.dtype)):
-                in_slot.append((spec_field.name, array.dtype.str, array.shape, offset))
-            else:
-                others[spec_field.name] = value
-        return _rebuild, (type(batch), slot.storage, tuple(in_slot), others)
 
 
 def _rebuild(cls: type, storage: torch.UntypedStorage, in_slot: tuple, others: dict[str, Any]) -> Any:
