@@ -22,6 +22,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
+import numpy as np
 import pyarrow as pa
 
 from logitcache.errors import CacheFormatError
@@ -95,39 +96,70 @@ class RecordLayout:
     def from_dict(cls, data: dict) -> RecordLayout:
         return cls(**data)
 
-    def arrow_schema(self) -> pa.Schema:
-        """Arrow schema of one Parquet shard of this layout."""
+    @property
+    def value_storage_dtype(self) -> np.dtype:
+        return np.dtype(get_value_codec(self.value_codec).storage_dtype)
+
+    @property
+    def topk_row_bytes(self) -> tuple[int, int]:
+        """Bytes of one position's top-k ids and of its top-k stored values."""
+        return self.k * np.dtype(self.id_type).itemsize, self.k * self.value_storage_dtype.itemsize
+
+    def arrow_schema(self, *, format_1: bool = False) -> pa.Schema:
+        """Arrow schema of one Parquet shard of this layout.
+
+        Top-k columns hold one fixed-size binary per labelled position: its ``k`` ids (or
+        stored values) as little-endian ``id_type`` (or codec storage type), in rank order,
+        so that reading a position costs one Parquet level rather than one per value. No
+        list item is nullable, which spares Parquet a definition level per value.
+        ``format_1`` gives the schema of format 1 shards instead (top-k as
+        ``list<fixed_size_list<type, k>>``, nullable items), which readers still accept.
+        """
+        def listed(item: pa.DataType) -> pa.DataType:
+            return pa.list_(item) if format_1 else pa.list_(pa.field("element", item, nullable=False))
+
         id_t = pa.from_numpy_dtype(self.id_type)
+        value_t = self.value_storage_type
         fields = [
             pa.field("record_id", pa.uint64(), nullable=False),
             pa.field("doc_key", pa.string(), nullable=False),
             pa.field("lang", pa.dictionary(pa.int32(), pa.string()), nullable=False),
-            pa.field("input_ids", pa.list_(pa.uint32()), nullable=False),
+            pa.field("input_ids", listed(pa.uint32()), nullable=False),
         ]
         if self.is_token_level:
             # leading positions of input_ids that are left context only (no stored labels)
             fields.append(pa.field("context_length", pa.uint32(), nullable=False))
-        if self.has_topk:
+        if self.has_topk and format_1:
             fields += [
-                pa.field("topk_ids", pa.list_(pa.list_(id_t, self.k)), nullable=False),
-                pa.field(
-                    "topk_logprobs", pa.list_(pa.list_(self.value_storage_type, self.k)),
-                    nullable=False,
-                ),
+                pa.field("topk_ids", listed(pa.list_(id_t, self.k)), nullable=False),
+                pa.field("topk_logprobs", listed(pa.list_(value_t, self.k)), nullable=False),
+            ]
+        elif self.has_topk:
+            id_bytes, value_bytes = self.topk_row_bytes
+            fields += [
+                pa.field("topk_ids", listed(pa.binary(id_bytes)), nullable=False,
+                         metadata=_row_metadata(self.id_type, self.k)),
+                pa.field("topk_logprobs", listed(pa.binary(value_bytes)), nullable=False,
+                         metadata=_row_metadata(self.value_storage_dtype.name, self.k)),
             ]
         if self.has_samples:
+            count_t = pa.from_numpy_dtype(SAMPLE_COUNT_TYPE)
             fields += [
-                pa.field("sample_ids", pa.list_(pa.list_(id_t)), nullable=False),
-                pa.field("sample_counts", pa.list_(pa.list_(pa.from_numpy_dtype(SAMPLE_COUNT_TYPE))), nullable=False),
+                pa.field("sample_ids", listed(listed(id_t)), nullable=False),
+                pa.field("sample_counts", listed(listed(count_t)), nullable=False),
             ]
         if self.entropy and self.is_token_level:
-            fields.append(pa.field("entropy", pa.list_(pa.float16()), nullable=False))
+            fields.append(pa.field("entropy", listed(pa.float16()), nullable=False))
         if self.kind == "sequence_probs":
+            class_t = pa.list_(value_t, self.num_classes) if format_1 else pa.list_(
+                pa.field("element", value_t, nullable=False), self.num_classes)
             fields += [
-                pa.field(
-                    "class_logprobs", pa.list_(self.value_storage_type, self.num_classes),
-                    nullable=False,
-                ),
+                pa.field("class_logprobs", class_t, nullable=False),
                 pa.field("label", pa.int32(), nullable=False),
             ]
         return pa.schema(fields)
+
+
+def _row_metadata(element_type: str, k: int) -> dict[str, str]:
+    """Field metadata that lets any Parquet reader decode a top-k row without logitcache."""
+    return {"logitcache.row": f"{k} x little-endian {element_type}"}

@@ -7,8 +7,15 @@ plus the resolved configuration. A shard that the manifest does not list does no
 for readers. The file is replaced atomically after every commit.
 
 Versioning: ``format_version`` is ``MAJOR.MINOR``. Readers accept any minor version of
-their major version (minor versions only add optional fields) and refuse a newer major
-version with an error that says to upgrade logitcache.
+the major versions they read (minor versions only add optional fields) and refuse a newer
+major version with an error that says to upgrade logitcache. Major versions:
+
+1. the first format;
+2. Parquet shards store each position's top-k ids and values as one fixed-size binary
+   (little-endian) instead of a ``fixed_size_list``, and no list item is nullable, which
+   makes them several times faster to read (BENCHMARKS.md). Readers still read format 1
+   shards, each shard by its own schema; a build that adds shards to a format 1 cache
+   writes format 2 shards and marks the cache 2.0. Zarr shards did not change.
 """
 
 from __future__ import annotations
@@ -23,7 +30,9 @@ from logitcache.storage_schemas.layout import RecordLayout
 from logitcache.storage_schemas.location import CacheLocation
 
 FORMAT_NAME = "logitcache"
-FORMAT_VERSION = "1.0"
+FORMAT_VERSION = "2.0"
+#: Major versions this logitcache reads.
+READABLE_MAJORS = (1, 2)
 MANIFEST_FILE = "manifest.json"
 SHARDS_DIR = "shards"
 INCOMPLETE_DIR = "_incomplete"
@@ -160,7 +169,7 @@ class Manifest:
 
 
 def check_format(data: dict[str, Any], *, source: str = "manifest") -> None:
-    """Refuse manifests of another format or of a newer major version."""
+    """Refuse manifests of another format or of a major version this logitcache does not read."""
     if data.get("format") != FORMAT_NAME:
         raise CacheFormatError(f"{source}: not a logitcache manifest (format={data.get('format')!r})")
     version = str(data.get("format_version", ""))
@@ -168,16 +177,15 @@ def check_format(data: dict[str, Any], *, source: str = "manifest") -> None:
         major = int(version.split(".")[0])
     except ValueError:
         raise CacheFormatError(f"{source}: unreadable format_version {version!r}") from None
-    ours = int(FORMAT_VERSION.split(".")[0])
-    if major > ours:
+    if major > max(READABLE_MAJORS):
         raise CacheFormatError(
             f"{source}: cache format version {version} is newer than this logitcache "
             f"understands ({FORMAT_VERSION}); upgrade logitcache to read it"
         )
-    if major < ours:
+    if major not in READABLE_MAJORS:
         raise CacheFormatError(
-            f"{source}: cache format version {version} is older than {FORMAT_VERSION} "
-            "and cannot be read; rebuild the cache"
+            f"{source}: cache format version {version} is older than this logitcache reads "
+            f"(majors {', '.join(map(str, READABLE_MAJORS))}); rebuild the cache"
         )
 
 

@@ -199,24 +199,34 @@ def _concat_offsets(parts: list[np.ndarray]) -> np.ndarray:
 _MAX_LIST_OFFSET = np.iinfo(np.int32).max
 
 
-def _list_array(offsets: np.ndarray, values: pa.Array) -> pa.ListArray:
+def _list_array(offsets: np.ndarray, values: pa.Array, list_type: pa.DataType) -> pa.ListArray:
     if len(offsets) and int(offsets[-1]) > _MAX_LIST_OFFSET:
         raise CacheFormatError(
             f"a shard may hold at most {_MAX_LIST_OFFSET:,} values per column, this one needs "
             f"{int(offsets[-1]):,}; use smaller work units (corpus.unit_documents)"
         )
-    return pa.ListArray.from_arrays(pa.array(offsets.astype(np.int32), pa.int32()), values)
+    return pa.ListArray.from_arrays(pa.array(offsets.astype(np.int32), pa.int32()), values, type=list_type)
 
 
-def _fixed_rows(matrix: np.ndarray, value_type: pa.DataType) -> pa.FixedSizeListArray:
-    width = matrix.shape[1]
-    return pa.FixedSizeListArray.from_arrays(pa.array(matrix.reshape(-1), value_type), width)
+def _little_endian(dtype: np.dtype | str) -> np.dtype:
+    return np.dtype(dtype).newbyteorder("<")
+
+
+def _binary_rows(matrix: np.ndarray, row_type: pa.FixedSizeBinaryType) -> pa.Array:
+    """Each row of ``matrix`` as one fixed-size binary value (its bytes, little-endian)."""
+    rows = np.ascontiguousarray(matrix, dtype=_little_endian(matrix.dtype))
+    return pa.Array.from_buffers(row_type, len(rows), [None, pa.py_buffer(rows)])
+
+
+def _fixed_rows(matrix: np.ndarray, row_type: pa.FixedSizeListType) -> pa.FixedSizeListArray:
+    return pa.FixedSizeListArray.from_arrays(pa.array(matrix.reshape(-1), row_type.value_type), type=row_type)
 
 
 def block_to_table(block: RecordBlock, layout: RecordLayout) -> pa.Table:
     """The Arrow table of ``block`` in ``layout``'s schema (no per-token Python loops)."""
     block.validate(layout)
     schema = layout.arrow_schema()
+    types = {f.name: f.type for f in schema}
     tok = block.token_offsets - block.token_offsets[0]
     lab = block.label_offsets
     id_t = pa.from_numpy_dtype(layout.id_type)
@@ -224,39 +234,66 @@ def block_to_table(block: RecordBlock, layout: RecordLayout) -> pa.Table:
         "record_id": pa.array(block.record_id, pa.uint64()),
         "doc_key": pa.array(block.doc_key.tolist(), pa.string()),
         "lang": pa.array(block.lang.tolist(), pa.string()).dictionary_encode(),
-        "input_ids": _list_array(tok, pa.array(block.input_ids, pa.uint32())),
+        "input_ids": _list_array(tok, pa.array(block.input_ids, pa.uint32()), types["input_ids"]),
     }
     if layout.is_token_level:
         columns["context_length"] = pa.array(block.context_length, pa.uint32())
     if layout.has_topk:
-        columns["topk_ids"] = _list_array(lab, _fixed_rows(block.topk_ids, id_t))
-        columns["topk_logprobs"] = _list_array(
-            lab, _fixed_rows(block.topk_logprobs, layout.value_storage_type)
-        )
+        for name in ("topk_ids", "topk_logprobs"):
+            columns[name] = _list_array(lab, _binary_rows(getattr(block, name), types[name].value_type), types[name])
     if layout.has_samples:
         s_off = block.sample_offsets - block.sample_offsets[0]
         counts_t = pa.from_numpy_dtype(SAMPLE_COUNT_TYPE)
-        columns["sample_ids"] = _list_array(lab, _list_array(s_off, pa.array(block.sample_ids, id_t)))
-        columns["sample_counts"] = _list_array(
-            lab, _list_array(s_off, pa.array(block.sample_counts, counts_t))
-        )
+        for name, values in (("sample_ids", pa.array(block.sample_ids, id_t)),
+                             ("sample_counts", pa.array(block.sample_counts, counts_t))):
+            per_position = _list_array(s_off, values, types[name].value_type)
+            columns[name] = _list_array(lab, per_position, types[name])
     if layout.entropy and layout.is_token_level:
-        columns["entropy"] = _list_array(lab, pa.array(block.entropy.astype(np.float16), pa.float16()))
+        columns["entropy"] = _list_array(lab, pa.array(block.entropy.astype(np.float16), pa.float16()),
+                                         types["entropy"])
     if layout.kind == "sequence_probs":
-        columns["class_logprobs"] = _fixed_rows(block.class_logprobs, layout.value_storage_type)
+        columns["class_logprobs"] = _fixed_rows(block.class_logprobs, types["class_logprobs"])
         columns["label"] = pa.array(block.label, pa.int32())
     return pa.Table.from_arrays([columns[f.name] for f in schema], schema=schema)
 
 
+def _whole(column: pa.ChunkedArray | pa.Array) -> pa.Array:
+    """One array of a column; combine_chunks copies even a single chunk, so avoid it then."""
+    if not isinstance(column, pa.ChunkedArray):
+        return column
+    return column.chunk(0) if column.num_chunks == 1 else column.combine_chunks()
+
+
 def _flat(column: pa.ChunkedArray | pa.Array) -> tuple[np.ndarray, pa.Array]:
     """(zero-based int64 offsets, flattened child values) of a list column."""
-    arr = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
+    arr = _whole(column)
     offsets = np.asarray(arr.offsets, dtype=np.int64)
     return offsets - offsets[0], arr.flatten()
 
 
 def _numpy(arr: pa.Array) -> np.ndarray:
     return arr.to_numpy(zero_copy_only=False)
+
+
+def _topk_rows(column: pa.ChunkedArray, dtype: np.dtype | str, k: int) -> np.ndarray:
+    """A top-k column as a ``[P, k]`` array: binary rows viewed in place (format 2), or
+    the values of ``fixed_size_list`` rows (format 1)."""
+    _, rows = _flat(column)
+    if not pa.types.is_fixed_size_binary(rows.type):
+        return _numpy(rows.flatten()).reshape(-1, k)
+    dtype = _little_endian(dtype)
+    if rows.type.byte_width != k * dtype.itemsize:
+        raise CacheFormatError(
+            f"top-k rows of {rows.type.byte_width} bytes, but the layout says {k} x {dtype.name} "
+            f"({k * dtype.itemsize} bytes)"
+        )
+    if len(rows) == 0:
+        return np.empty((0, k), dtype=dtype)
+    data = rows.buffers()[1]
+    start, size = rows.offset * rows.type.byte_width, len(rows) * rows.type.byte_width
+    if data is None or data.size < start + size:
+        raise CacheFormatError(f"top-k column holds fewer bytes than its {len(rows)} rows need")
+    return np.frombuffer(data, dtype=dtype, count=len(rows) * k, offset=start).reshape(-1, k)
 
 
 def table_to_block(table: pa.Table, layout: RecordLayout) -> RecordBlock:
@@ -266,23 +303,21 @@ def table_to_block(table: pa.Table, layout: RecordLayout) -> RecordBlock:
     if missing:
         raise CacheFormatError(f"shard lacks column(s) {', '.join(missing)} required by its layout")
     tok, ids = _flat(table.column("input_ids"))
-    lang = table.column("lang").combine_chunks()
+    lang = _whole(table.column("lang"))
     if isinstance(lang.type, pa.DictionaryType):
         lang = lang.dictionary_decode()
     block = RecordBlock(
-        record_id=_numpy(table.column("record_id").combine_chunks()),
+        record_id=_numpy(_whole(table.column("record_id"))),
         doc_key=np.asarray(table.column("doc_key").to_pylist(), dtype=object),
         lang=np.asarray(lang.to_pylist(), dtype=object),
         token_offsets=tok,
         input_ids=_numpy(ids),
     )
     if layout.is_token_level:
-        block.context_length = _numpy(table.column("context_length").combine_chunks())
+        block.context_length = _numpy(_whole(table.column("context_length")))
     if layout.has_topk:
-        _, rows = _flat(table.column("topk_ids"))
-        block.topk_ids = _numpy(rows.flatten()).reshape(-1, layout.k)
-        _, rows = _flat(table.column("topk_logprobs"))
-        block.topk_logprobs = _numpy(rows.flatten()).reshape(-1, layout.k)
+        block.topk_ids = _topk_rows(table.column("topk_ids"), layout.id_type, layout.k)
+        block.topk_logprobs = _topk_rows(table.column("topk_logprobs"), layout.value_storage_dtype, layout.k)
     if layout.has_samples:
         _, per_pos = _flat(table.column("sample_ids"))
         s_off, sids = _flat(per_pos)
@@ -293,9 +328,9 @@ def table_to_block(table: pa.Table, layout: RecordLayout) -> RecordBlock:
         _, ent = _flat(table.column("entropy"))
         block.entropy = _numpy(ent)
     if layout.kind == "sequence_probs":
-        rows = table.column("class_logprobs").combine_chunks()
+        rows = _whole(table.column("class_logprobs"))
         block.class_logprobs = _numpy(rows.flatten()).reshape(-1, layout.num_classes)
-        block.label = _numpy(table.column("label").combine_chunks())
+        block.label = _numpy(_whole(table.column("label")))
     return block
 
 

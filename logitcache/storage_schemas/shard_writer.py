@@ -39,6 +39,7 @@ from logitcache.storage_schemas.backends import get_backend
 from logitcache.storage_schemas.fingerprint import diff_fields, fingerprint
 from logitcache.storage_schemas.location import CacheLocation
 from logitcache.storage_schemas.manifest import (
+    FORMAT_VERSION,
     INCOMPLETE_DIR,
     MANIFEST_FILE,
     SHARDS_DIR,
@@ -199,10 +200,14 @@ class ShardWriter:
         # that a cache's shard order, and so a reader's order, does not depend on who built it
         self.manifest.shards.append(entry)
         self.manifest.shards.sort(key=lambda shard: shard.unit_id)
+        # a shard of this version joins an older cache: readers of the older version would
+        # not read it, so the cache now says it needs this one
+        previous_version, self.manifest.format_version = self.manifest.format_version, FORMAT_VERSION
         try:
             self.manifest.save(self.location)
         except OSError as exc:  # the manifest on disk is still the previous one
             self.manifest.shards.remove(entry)
+            self.manifest.format_version = previous_version
             self._discard(final)
             raise storage_failure(exc, url=self.location.url,
                                   what=f"saving {MANIFEST_FILE} to commit unit {unit_id}",

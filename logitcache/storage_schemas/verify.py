@@ -186,7 +186,9 @@ def _check_structure(location: CacheLocation, backend, manifest: Manifest, entry
     schema = backend.arrow_schema(location, entry.path)
     if schema is not None:
         expected = layout.arrow_schema()
-        if not schema.equals(expected, check_metadata=False):
+        # a format 1 shard (kept when a build added format 2 shards to its cache) is still read
+        if not any(schema.equals(form, check_metadata=False)
+                   for form in (expected, layout.arrow_schema(format_1=True))):
             problems.append(f"schema differs from the layout's: {_schema_diff(schema, expected)}")
     metadata = backend.read_metadata(location, entry.path)
     stored_layout = metadata.get("layout")

@@ -27,7 +27,8 @@ logprob_rows = hnp.arrays(
 @given(rows=logprob_rows, codec=st.sampled_from(["q8", "float16", "float32"]), sort=st.booleans())
 def test_torch_arithmetic_decodes_exactly_what_the_numpy_codec_decodes(rows, codec, sort):
     if sort:  # top-k order; unsorted rows still round-trip (q8's deltas wrap modulo 256)
-        rows = np.ascontiguousarray(np.sort(rows, axis=1)[:, ::-1])
+        # a copy: ascontiguousarray keeps the negative stride of a reversed 1 x 1 view
+        rows = np.sort(rows, axis=1)[:, ::-1].copy()
     value_codec = get_value_codec(codec)
     stored = value_codec.encode(rows)
     expected = value_codec.decode(stored)

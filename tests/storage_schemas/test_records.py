@@ -94,8 +94,13 @@ def test_layout_errors_are_clear():
 def test_layout_schema_types():
     layout = make_layout("token_topk", k=8, value_codec="q8", vocab_size=150_000)
     schema = layout.arrow_schema()
-    assert schema.field("topk_ids").type == pa.list_(pa.list_(pa.uint32(), 8))
-    assert schema.field("topk_logprobs").type == pa.list_(pa.list_(pa.uint8(), 8))
+    # format 2: one fixed-size binary per position (8 uint32 ids; 8 one-byte q8 values)
+    assert schema.field("topk_ids").type.value_type == pa.binary(32)
+    assert schema.field("topk_logprobs").type.value_type == pa.binary(8)
+    assert not schema.field("topk_ids").type.value_field.nullable
+    legacy = layout.arrow_schema(format_1=True)
+    assert legacy.field("topk_ids").type == pa.list_(pa.list_(pa.uint32(), 8))
+    assert legacy.field("topk_logprobs").type == pa.list_(pa.list_(pa.uint8(), 8))
     assert RecordLayout.from_dict(layout.to_dict()) == layout
 
 

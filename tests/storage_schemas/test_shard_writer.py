@@ -5,7 +5,7 @@ import pytest
 
 from logitcache.errors import CacheFormatError, IncompatibleCacheError
 from logitcache.storage_schemas.location import CacheLocation
-from logitcache.storage_schemas.manifest import FORMAT_VERSION, Manifest
+from logitcache.storage_schemas.manifest import FORMAT_VERSION, READABLE_MAJORS, Manifest
 from logitcache.storage_schemas.shard_reader import CacheReader
 from logitcache.storage_schemas.shard_writer import ShardWriter
 from tests.factories import make_block, make_layout, make_template
@@ -155,7 +155,7 @@ def _edit_manifest(path, **changes):
 def test_newer_major_version_is_refused(tmp_path):
     layout = make_layout()
     ShardWriter(str(tmp_path / "c"), template=make_template(layout))
-    _edit_manifest(tmp_path / "c", format_version="2.0")
+    _edit_manifest(tmp_path / "c", format_version=f"{max(READABLE_MAJORS) + 1}.0")
     with pytest.raises(CacheFormatError, match="upgrade logitcache"):
         CacheReader(str(tmp_path / "c"))
 
