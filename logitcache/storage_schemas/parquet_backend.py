@@ -1,11 +1,11 @@
 """Parquet shards: one file per shard, one row group per block of about ``row_group_tokens``.
 
 Column encodings were chosen by measurement (``benchmarks/bench_codecs.py``): zstd on
-every column, dictionary encoding only for ``doc_key`` and ``lang``, and
-BYTE_STREAM_SPLIT for the token-id and value columns (q8 values included: Parquet stores
-them as INT32, and splitting cut them from 23.3 to 13.0 bytes/token at k=64). Splitting ids into byte planes
-lets zstd see that the high bytes of Zipf-distributed ids are mostly small; it cut
-top-k id bytes by about a fifth on our synthetic data. The file's key-value metadata
+every column, dictionary encoding only for ``doc_key`` and ``lang``, and, when
+compressing, BYTE_STREAM_SPLIT for the sampled ids, entropy and class values and for
+top-k rows of 4-byte elements (see :func:`_split_columns`). Top-k rows are fixed-size
+binary values (format 2, see ``layout.RecordLayout.arrow_schema``): Arrow reads a
+position's row as one value where a ``fixed_size_list`` cost it a level per id. The file's key-value metadata
 carries the record layout, the config fingerprint and the work unit, so a shard
 describes itself even away from its manifest.
 """
@@ -16,6 +16,7 @@ import json
 from collections.abc import Iterator
 from contextlib import contextmanager
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
@@ -36,8 +37,8 @@ METADATA_PREFIX = "logitcache."
 _SPLIT_COLUMNS = ("sample_ids", "entropy", "class_logprobs")
 
 
-def _split_columns(schema: pa.Schema) -> list[str]:
-    """Parquet leaf paths of the columns to split into byte planes."""
+def _split_columns(schema: pa.Schema, layout: RecordLayout) -> list[str]:
+    """Parquet leaf paths of the columns to split into byte streams."""
     out = []
     for name in _SPLIT_COLUMNS:
         if name not in schema.names:
@@ -46,11 +47,18 @@ def _split_columns(schema: pa.Schema) -> list[str]:
         while pa.types.is_list(leaf_type) or pa.types.is_fixed_size_list(leaf_type):
             path, leaf_type = f"{path}.list.element", leaf_type.value_type
         # every integer is at least 32 bits in Parquet (uint8 and uint16 become INT32), so
-        # splitting helps even one-byte values: their three zero planes compress to nothing.
-        # Fixed-size binary top-k rows are not split: on our synthetic labels splitting them
-        # made zstd's output larger and its reading 1.5x slower.
+        # splitting helps even one-byte values: their three zero planes compress to nothing
         if pa.types.is_integer(leaf_type) or pa.types.is_floating(leaf_type):
             out.append(path)
+    # A top-k row is split into one stream per byte of the row (that byte of that rank,
+    # across positions). Measured at k=64 (bench_codecs data): for 4-byte elements it
+    # lets zstd drop the near-constant high bytes of uint32 ids (131.6 -> 111.9 bytes per
+    # token at a 150k vocabulary) and of float32 values (225.1 -> 192.8); for 1- and 2-byte
+    # elements it made the output larger (float16 values 57.2 -> 73.8) and reading slower.
+    if layout.has_topk:
+        element_bytes = {"topk_ids": np.dtype(layout.id_type).itemsize,
+                         "topk_logprobs": layout.value_storage_dtype.itemsize}
+        out += [f"{name}.list.element" for name, size in element_bytes.items() if size >= 4]
     return out
 
 
@@ -75,7 +83,7 @@ class ParquetBackend:
             compression_level=storage.compression_level if compression == "zstd" else None,
             use_dictionary=["doc_key", "lang"],
             # without compression splitting only costs time: the planes are stored as they are
-            use_byte_stream_split=_split_columns(schema) if compression == "zstd" else False,
+            use_byte_stream_split=_split_columns(schema, layout) if compression == "zstd" else False,
             write_statistics=["record_id"],
             store_schema=True,
         ) as writer:

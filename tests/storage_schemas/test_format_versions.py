@@ -149,3 +149,19 @@ def test_a_major_version_older_than_any_read_is_refused(tmp_path):
     (tmp_path / "c" / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(CacheFormatError, match="older than this logitcache reads .*rebuild the cache"):
         CacheReader(str(tmp_path / "c"))
+
+
+@pytest.mark.parametrize(("vocab_size", "codec", "compression", "split"), [
+    (70_000, "q8", "zstd", {"topk_ids"}),  # uint32 ids: their high bytes compress away once split
+    (70_000, "float32", "zstd", {"topk_ids", "topk_logprobs"}),
+    (1_000, "float16", "zstd", set()),  # 2-byte elements: splitting made them larger
+    (70_000, "float32", "none", set()),  # nothing to gain without compression
+])
+def test_top_k_rows_are_split_into_byte_streams_where_it_pays(tmp_path, vocab_size, codec, compression, split):
+    layout = make_layout("token_topk", value_codec=codec, vocab_size=vocab_size)
+    writer = ShardWriter(str(tmp_path / "c"), template=make_template(layout, storage={"compression": compression}))
+    entry = writer.commit(make_block(layout), unit_id="u0")
+    columns = pq.ParquetFile(tmp_path / "c" / entry.path).metadata.row_group(0)
+    encodings = {columns.column(i).path_in_schema.split(".")[0]: columns.column(i).encodings
+                 for i in range(columns.num_columns)}
+    assert {name for name in ("topk_ids", "topk_logprobs") if "BYTE_STREAM_SPLIT" in encodings[name]} == split
