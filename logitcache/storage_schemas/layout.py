@@ -87,7 +87,7 @@ class RecordLayout:
 
     @property
     def value_storage_type(self) -> pa.DataType:
-        return pa.from_numpy_dtype(get_value_codec(self.value_codec).storage_dtype)
+        return pa.from_numpy_dtype(self.value_storage_dtype)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -101,9 +101,9 @@ class RecordLayout:
         return np.dtype(get_value_codec(self.value_codec).storage_dtype)
 
     @property
-    def topk_row_bytes(self) -> tuple[int, int]:
-        """Bytes of one position's top-k ids and of its top-k stored values."""
-        return self.k * np.dtype(self.id_type).itemsize, self.k * self.value_storage_dtype.itemsize
+    def topk_dtypes(self) -> dict[str, np.dtype]:
+        """The element type of each top-k column: ids, and the codec's stored values."""
+        return {"topk_ids": np.dtype(self.id_type), "topk_logprobs": self.value_storage_dtype}
 
     def arrow_schema(self, *, format_1: bool = False) -> pa.Schema:
         """Arrow schema of one Parquet shard of this layout.
@@ -135,12 +135,10 @@ class RecordLayout:
                 pa.field("topk_logprobs", listed(pa.list_(value_t, self.k)), nullable=False),
             ]
         elif self.has_topk:
-            id_bytes, value_bytes = self.topk_row_bytes
             fields += [
-                pa.field("topk_ids", listed(pa.binary(id_bytes)), nullable=False,
-                         metadata=_row_metadata(self.id_type, self.k)),
-                pa.field("topk_logprobs", listed(pa.binary(value_bytes)), nullable=False,
-                         metadata=_row_metadata(self.value_storage_dtype.name, self.k)),
+                pa.field(name, listed(pa.binary(self.k * dtype.itemsize)), nullable=False,
+                         metadata=_row_metadata(dtype.name, self.k))
+                for name, dtype in self.topk_dtypes.items()
             ]
         if self.has_samples:
             count_t = pa.from_numpy_dtype(SAMPLE_COUNT_TYPE)

@@ -16,7 +16,6 @@ import json
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
@@ -56,9 +55,7 @@ def _split_columns(schema: pa.Schema, layout: RecordLayout) -> list[str]:
     # token at a 150k vocabulary) and of float32 values (225.1 -> 192.8); for 1- and 2-byte
     # elements it made the output larger (float16 values 57.2 -> 73.8) and reading slower.
     if layout.has_topk:
-        element_bytes = {"topk_ids": np.dtype(layout.id_type).itemsize,
-                         "topk_logprobs": layout.value_storage_dtype.itemsize}
-        out += [f"{name}.list.element" for name, size in element_bytes.items() if size >= 4]
+        out += [f"{name}.list.element" for name, dtype in layout.topk_dtypes.items() if dtype.itemsize >= 4]
     return out
 
 

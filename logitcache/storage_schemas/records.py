@@ -160,8 +160,8 @@ class RecordBlock:
                 arr = getattr(self, name)
                 _expect(arr is not None and arr.shape == (p, layout.k), name, f"shape ({p}, {layout.k})")
             _expect(self.topk_ids.dtype == np.dtype(layout.id_type), "topk_ids", layout.id_type)
-            storage = get_value_codec(layout.value_codec).storage_dtype
-            _expect(self.topk_logprobs.dtype == np.dtype(storage), "topk_logprobs", storage)
+            storage = layout.value_storage_dtype
+            _expect(self.topk_logprobs.dtype == storage, "topk_logprobs", storage.name)
         if layout.has_samples:
             _expect(self.sample_offsets is not None and self.sample_offsets.shape == (p + 1,),
                     "sample_offsets", f"shape ({p + 1},)")
@@ -316,8 +316,8 @@ def table_to_block(table: pa.Table, layout: RecordLayout) -> RecordBlock:
     if layout.is_token_level:
         block.context_length = _numpy(_whole(table.column("context_length")))
     if layout.has_topk:
-        block.topk_ids = _topk_rows(table.column("topk_ids"), layout.id_type, layout.k)
-        block.topk_logprobs = _topk_rows(table.column("topk_logprobs"), layout.value_storage_dtype, layout.k)
+        for name, dtype in layout.topk_dtypes.items():
+            setattr(block, name, _topk_rows(table.column(name), dtype, layout.k))
     if layout.has_samples:
         _, per_pos = _flat(table.column("sample_ids"))
         s_off, sids = _flat(per_pos)

@@ -64,7 +64,6 @@ from logitcache.errors import CacheFormatError
 from logitcache.storage_schemas.layout import SAMPLE_COUNT_TYPE, RecordLayout
 from logitcache.storage_schemas.location import CacheLocation
 from logitcache.storage_schemas.records import RecordBlock, block_cuts
-from logitcache.storage_schemas.value_codecs import get_value_codec
 
 ATTRS_KEY = "logitcache"
 FORMAT_NAME = "logitcache-zarr-shard"
@@ -109,7 +108,7 @@ def _zero_based(offsets: np.ndarray) -> np.ndarray:
 
 def _block_arrays(block: RecordBlock, layout: RecordLayout, cuts: list[int]) -> dict[str, np.ndarray]:
     """The arrays of ``block`` as stored (offsets zero-based, values as given)."""
-    value_dtype = get_value_codec(layout.value_codec).storage_dtype
+    value_dtype = layout.value_storage_dtype
     out: dict[str, np.ndarray] = {
         "record_id": np.asarray(block.record_id, dtype=np.uint64),
         "doc_key": np.asarray(block.doc_key, dtype=object),
