@@ -8,6 +8,10 @@ binary values (format 2, see ``layout.RecordLayout.arrow_schema``): Arrow reads 
 position's row as one value where a ``fixed_size_list`` cost it a level per id. The file's key-value metadata
 carries the record layout, the config fingerprint and the work unit, so a shard
 describes itself even away from its manifest.
+
+A shard on a local disk is read through a memory map (see :meth:`ParquetBackend._opened`):
+read through a Python file object, every block landed first in a fresh ``bytes`` object,
+whose pages the kernel faulted in and zeroed on every read.
 """
 
 from __future__ import annotations
@@ -91,10 +95,18 @@ class ParquetBackend:
 
     @contextmanager
     def _opened(self, location: CacheLocation, rel: str) -> Iterator[pq.ParquetFile]:
-        """The shard as a ParquetFile; Arrow and I/O errors become CacheFormatError."""
+        """The shard as a ParquetFile; Arrow and I/O errors become CacheFormatError.
+
+        A local shard is memory-mapped: Arrow then decodes straight from the page cache.
+        Through a Python file object (what fsspec gives) each read is copied into a new
+        ``bytes`` object first; at k=64 the kernel's page faults for those took about 40%
+        of the reader's CPU time (BENCHMARKS.md, "Memory-mapped Parquet shards"). Shards
+        are never changed in place after commit (replacements are renamed over them), so
+        a mapping cannot see a file shrink under it."""
         try:
-            with location.open(rel, "rb") as handle:
-                yield pq.ParquetFile(handle)
+            source = pa.memory_map(location.full(rel), "r") if location.is_local else location.open(rel, "rb")
+            with source:
+                yield pq.ParquetFile(source)
         except (pa.ArrowInvalid, OSError) as exc:
             raise CacheFormatError(f"{location.full(rel)}: not a readable Parquet shard ({exc})") from exc
 
