@@ -262,8 +262,8 @@ class StorageConfig(_Section):
     """How shards are laid out on disk."""
 
     backend: Literal["parquet", "zarr"] = "parquet"  # Shard file format.
-    compression: Literal["zstd", "none"] = "zstd"  # Compression codec of the shards.
-    compression_level: int = _field(3, ge=1, le=22)  # zstd level.
+    compression: Literal["zstd", "lz4", "none"] = "zstd"  # Compression codec of the shards: zstd is smallest, lz4 faster to read.
+    compression_level: int = _field(3, ge=1, le=22)  # zstd level (lz4 has none).
     row_group_tokens: int = _field(262144, ge=1)  # Parquet row groups are cut at about this many tokens.
     chunk_tokens: int = _field(16384, ge=1)  # Zarr inner chunk length in tokens.
 

@@ -156,7 +156,7 @@ INVALID = [
     (minimal(soft_labels={"mode": "topp"}), ["soft_labels.mode: must be one of topk, sampled, topk+sampled, got 'topp'"]),
     (minimal(soft_labels={"values": "float8x"}), ["soft_labels.values: must be one of", "float32", "float16", "got 'float8x'"]),
     (minimal(storage={"backend": "hdf5"}), ["storage.backend: must be one of parquet, zarr, got 'hdf5'"]),
-    (minimal(storage={"compression": "gzip"}), ["storage.compression: must be one of zstd, none, got 'gzip'"]),
+    (minimal(storage={"compression": "gzip"}), ["storage.compression: must be one of zstd, lz4, none, got 'gzip'"]),
     (minimal(storage={"compression_level": 23}), ["storage.compression_level: must be >= 1 and <= 22, got 23"]),
     (minimal(storage={"compression_level": 0}), ["storage.compression_level: must be >= 1 and <= 22, got 0"]),
     (minimal(storage={"row_group_tokens": 0}), ["storage.row_group_tokens: must be >= 1, got 0"]),

@@ -1,7 +1,8 @@
 """Parquet shards: one file per shard, one row group per block of about ``row_group_tokens``.
 
-Column encodings were chosen by measurement (``benchmarks/bench_codecs.py``): zstd on
-every column, dictionary encoding only for ``doc_key`` and ``lang``, and, when
+Column encodings were chosen by measurement (``benchmarks/bench_codecs.py``): zstd (or lz4,
+or nothing, as ``storage.compression`` says) on every column, dictionary encoding only for
+``doc_key`` and ``lang``, and, when
 compressing, BYTE_STREAM_SPLIT for the sampled ids, entropy and class values and for
 top-k rows of 4-byte elements (see :func:`_split_columns`). Top-k rows are fixed-size
 binary values (format 2, see ``layout.RecordLayout.arrow_schema``): Arrow reads a
@@ -63,6 +64,11 @@ def _split_columns(schema: pa.Schema, layout: RecordLayout) -> list[str]:
     return out
 
 
+#: ``storage.compression`` -> Parquet codec. lz4 is the block format without framing
+#: (Parquet's LZ4_RAW), which every current Parquet reader knows.
+PARQUET_CODECS = {"zstd": "zstd", "lz4": "lz4_raw", "none": "none"}
+
+
 class ParquetBackend:
     name = "parquet"
     extension = ".parquet"
@@ -77,14 +83,14 @@ class ParquetBackend:
         file_metadata[f"{METADATA_PREFIX}layout"] = json.dumps(layout.to_dict())
         schema = table.schema.with_metadata(file_metadata)
         cuts = block_cuts(block.token_offsets, storage.row_group_tokens)
-        compression = "zstd" if storage.compression == "zstd" else "none"
+        compressed = storage.compression != "none"
         with location.open(rel, "wb") as sink, pq.ParquetWriter(
             sink, schema,
-            compression=compression,
-            compression_level=storage.compression_level if compression == "zstd" else None,
+            compression=PARQUET_CODECS[storage.compression],
+            compression_level=storage.compression_level if storage.compression == "zstd" else None,
             use_dictionary=["doc_key", "lang"],
             # without compression splitting only costs time: the planes are stored as they are
-            use_byte_stream_split=_split_columns(schema, layout) if compression == "zstd" else False,
+            use_byte_stream_split=_split_columns(schema, layout) if compressed else False,
             write_statistics=["record_id"],
             store_schema=True,
         ) as writer:

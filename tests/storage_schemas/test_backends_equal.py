@@ -87,7 +87,7 @@ def layouts_and_blocks(draw):
     storage = {
         "row_group_tokens": draw(st.integers(1, 40)),
         "chunk_tokens": draw(st.integers(1, 16)),
-        "compression": draw(st.sampled_from(["zstd", "none"])),
+        "compression": draw(st.sampled_from(["zstd", "lz4", "none"])),
     }
     return layout, block, storage
 

@@ -3,6 +3,7 @@ through fsspec, and a broken file is a format error either way."""
 
 import uuid
 
+import pyarrow.parquet as pq
 import pytest
 
 from logitcache.config import StorageConfig
@@ -16,8 +17,8 @@ REL = "part-u0.parquet"
 ROW_GROUP_TOKENS = 16
 
 
-def write(location, block, layout):
-    storage = StorageConfig(backend="parquet", row_group_tokens=ROW_GROUP_TOKENS)
+def write(location, block, layout, *, compression="zstd"):
+    storage = StorageConfig(backend="parquet", row_group_tokens=ROW_GROUP_TOKENS, compression=compression)
     return ParquetBackend().write(location, REL, block, layout=layout, storage=storage,
                                   metadata={"config_fingerprint": "fp", "unit_id": "u0"})
 
@@ -84,3 +85,16 @@ def test_a_broken_local_file_is_a_format_error(tmp_path, damage):
         ParquetBackend().read_block(location, REL, layout, 0)
     with pytest.raises(CacheFormatError, match=r"part-u0\.parquet"):
         ParquetBackend().num_blocks(location, REL)
+
+
+@pytest.mark.parametrize(("compression", "codec"), [("zstd", "ZSTD"), ("lz4", "LZ4"), ("none", "UNCOMPRESSED")])
+def test_every_column_takes_the_configured_compression(tmp_path, compression, codec):
+    layout = make_layout("token_topk_sampled", k=4, value_codec="q8")
+    block = make_block(layout, records=20)
+    location = CacheLocation(tmp_path)
+    blocks = write(location, block, layout, compression=compression)
+    metadata = pq.ParquetFile(tmp_path / REL).metadata
+    found = {metadata.row_group(g).column(c).compression
+             for g in range(metadata.num_row_groups) for c in range(metadata.num_columns)}
+    assert found == {codec}
+    assert_blocks_read_back(location, block, layout, blocks)

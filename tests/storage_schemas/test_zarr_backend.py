@@ -250,6 +250,19 @@ def test_arrays_are_sharded_with_inner_chunks(tmp_path):
     assert {c["name"]: c.get("configuration") for c in doc_codecs}["zstd"]["level"] == 7
 
 
+def test_lz4_compression(tmp_path):
+    """lz4 through Blosc for every array, multi-byte numbers behind a byte shuffle."""
+    layout = make_layout("token_topk_sampled", k=3, value_codec="q8")
+    location = CacheLocation(tmp_path)
+    block = make_block(layout, records=30)
+    write(location, block, layout, storage(compression="lz4"))
+    for name, shuffle in [("topk_ids", "shuffle"), ("topk_logprobs", "noshuffle"), ("record_id", "shuffle")]:
+        codecs = _array_meta(tmp_path, name)["codecs"][0]["configuration"]["codecs"]
+        blosc = {c["name"]: c.get("configuration") for c in codecs}["blosc"]
+        assert (blosc["cname"], blosc["shuffle"]) == ("lz4", shuffle), name
+    assert ZarrBackend().read(location, REL, layout).equals(block)
+
+
 def test_no_compression(tmp_path):
     layout = make_layout()
     location = CacheLocation(tmp_path)
