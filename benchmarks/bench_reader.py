@@ -1,7 +1,7 @@
 """Stage two's reader: tokens/s from a cache on disk to the packed batches a training loop gets.
 
 On a synthetic cache (``synthetic_topk.py`` labels; 32k vocabulary; k = 64, and k = 8 for
-comparison; value codecs q8 and float16; Parquet and Zarr shards, zstd-compressed or not)
+comparison; value codecs q8 and float16; Parquet and Zarr shards, compressed with zstd, with lz4 or not at all)
 this measures the whole path a training step sees: ``CacheDataset`` (read each block with
 ``CacheReader.read_block``, shuffle a window's records, slice them) -> ``PackedBatches`` /
 ``TokenPacker`` (records packed into ``TokenBatch``es of ``rows x 512`` slots) ->
@@ -48,7 +48,7 @@ then each figure is the best of ``--repeats`` runs.
 
 Usage::
 
-    python benchmarks/bench_reader.py [--ks 64] [--compressions zstd,none] [--quick] [--out FILE.md]
+    python benchmarks/bench_reader.py [--ks 64] [--compressions zstd,lz4,none] [--quick] [--out FILE.md]
 """
 
 from __future__ import annotations
@@ -97,7 +97,7 @@ VOCAB = 32_000
 KS = (64, 8)
 BACKENDS = ("parquet", "zarr")
 CODECS = ("q8", "float16")
-COMPRESSIONS = ("zstd", "none")
+COMPRESSIONS = ("zstd", "lz4", "none")
 WORKERS = (0, 1, 2)  # DataLoader worker processes (0 = in-process)
 TIMED_BATCHES = 32  # batches per epoch also moved to shared memory and decoded, to time both
 MAX_LENGTH = 512
@@ -481,13 +481,16 @@ def render(runs: list[Run], parts: Parts, *, command: str, tokens: int, shard_to
         "*decode on CPU* = `TokenBatch.decoded()` on the host, what a trainer on the CPU pays (on a GPU "
         f"it runs on the device). At {_m(TARGET_TOKENS_S)} M tokens/s a token may take {budget:.0f} ns.",
         "",
-        "| k | backend | codec | compression | read | records | pack | total | sys % | to shm "
+        "*shard B/token*: the cache's shard bytes per token, what the compression saves.",
+        "",
+        "| k | backend | codec | compression | shard B/token | read | records | pack | total | sys % | to shm "
         "| decode on CPU | total -> Mtok/s | read alone -> Mtok/s |",
-        "|---:|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "|---:|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for (k, backend, codec, compression), p in parts.items():
         n = p["tokens"]
-        out.append(f"| {k} | {backend} | {codec} | {compression} | {_ns(p, 'read')} | {_ns(p, 'records')} "
+        out.append(f"| {k} | {backend} | {codec} | {compression} | {p['shard_bytes'] / n:.1f} "
+                   f"| {_ns(p, 'read')} | {_ns(p, 'records')} "
                    f"| {_ns(p, 'pack')} | {_ns(p, 'total')} | {100 * p['sys']:.0f} | {_ns(p, 'shm')} "
                    f"| {_ns(p, 'decode')} | {_m(n / p['total'])} | {_m(n / p['read'])} |")
     out += ["", "#### Against the target", "", *verdict(runs)]
@@ -580,6 +583,7 @@ def main(argv: list[str] | None = None) -> int:
                          f"main CPU {best.main_cpu_s:.2f} s, peak +{best.peak_mb:.0f} MB, "
                          f"tokens per reader {best.reader_tokens}")
             parts[cfg] = breakdown(url, shuffle_buffer=shuffle_buffer, packer=stored, repeats=repeats)
+            parts[cfg]["shard_bytes"] = sum(s.bytes for s in CacheReader(url).manifest.shards)
             progress(f"{'/'.join(map(str, cfg))} breakdown (CPU ns/token): "
                      + ", ".join(f"{x} {_ns(parts[cfg], x)}" for x in PARTS) + f", sys {100 * parts[cfg]['sys']:.0f}%")
     report = render(runs, parts, command=command, tokens=tokens, shard_tokens=shard_tokens,
