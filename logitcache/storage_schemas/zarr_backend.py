@@ -63,6 +63,7 @@ from logitcache.config import StorageConfig
 from logitcache.errors import CacheFormatError
 from logitcache.storage_schemas.layout import SAMPLE_COUNT_TYPE, RecordLayout
 from logitcache.storage_schemas.location import CacheLocation
+from logitcache.storage_schemas.mapped_store import MappedLocalStore
 from logitcache.storage_schemas.records import RecordBlock, block_cuts
 
 ATTRS_KEY = "logitcache"
@@ -149,7 +150,7 @@ def _chunking(shape: tuple[int, ...], chunk_rows: int) -> tuple[tuple[int, ...],
 def _store(location: CacheLocation, rel: str, *, read_only: bool):
     path = location.full(rel)
     if location.is_local:
-        return zarr.storage.LocalStore(path, read_only=read_only)
+        return MappedLocalStore(path) if read_only else zarr.storage.LocalStore(path)
     # FsspecStore needs an async filesystem; from_mapper wraps a sync one (memory://, ...)
     # in fsspec's AsyncFileSystemWrapper, and makes an async twin of an async one (s3, gcs).
     return zarr.storage.FsspecStore.from_mapper(location.fs.get_mapper(path), read_only=read_only)

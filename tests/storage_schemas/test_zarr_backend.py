@@ -12,6 +12,7 @@ from logitcache.errors import CacheFormatError
 from logitcache.storage_schemas.backends import get_backend
 from logitcache.storage_schemas.layout import KINDS
 from logitcache.storage_schemas.location import CacheLocation
+from logitcache.storage_schemas.mapped_store import MappedLocalStore
 from logitcache.storage_schemas.records import RecordBlock, block_cuts
 from logitcache.storage_schemas.value_codecs import value_codec_names
 from logitcache.storage_schemas.zarr_backend import ZarrBackend, array_names
@@ -294,7 +295,7 @@ def test_read_block_fetches_only_its_slices(tmp_path, monkeypatch):
                                                         compression="none"))
     assert num_blocks >= 8
     fetched = []
-    original = zarr.storage.LocalStore.get
+    original = MappedLocalStore.get  # what reads a local shard
 
     async def counting_get(self, key, prototype=None, byte_range=None):
         buf = await original(self, key, prototype, byte_range)
@@ -302,7 +303,7 @@ def test_read_block_fetches_only_its_slices(tmp_path, monkeypatch):
             fetched.append(len(buf))
         return buf
 
-    monkeypatch.setattr(zarr.storage.LocalStore, "get", counting_get)
+    monkeypatch.setattr(MappedLocalStore, "get", counting_get)
     backend = ZarrBackend()
     backend.read(location, REL, layout)
     whole = sum(fetched)
