@@ -4,9 +4,14 @@ A DataLoader worker hands each batch to the training process through shared memo
 the batch is queued, torch moves every tensor that is not shared yet into a new segment, a
 copy into freshly faulted pages (on a VM, ~300 ns a token at k = 64: more than reading the
 cache costs). So a worker packs into *slots* instead: shared segments it keeps, one batch
-each, every tensor of the batch a view of its slot. Queuing such a batch sends the slot's
-descriptor and the tensors' offsets; the training process keeps the mapping of the slots it
-has seen, so a reused slot costs neither side a page fault.
+each, every tensor of the batch a view of its slot.
+
+The first batch in a slot carries the slot's shared memory, which torch hands over as a
+file descriptor (a socket round trip with an authentication handshake, per batch, if every
+batch did it). The training process keeps that mapping for as long as the worker lives,
+and says so in the slot's header; from then on the worker sends only the slot's key and
+the tensors' offsets, so a reused slot costs neither side a page fault or a descriptor.
+Mappings of workers that have exited are dropped when a new slot arrives.
 
 A slot may be reused only once the training process is done with the batch in it, which
 DataLoader has no way to say. So the training process builds a batch's tensors on a
@@ -19,23 +24,20 @@ loop that keeps its batches costs speed, never correctness.
 
 from __future__ import annotations
 
+import os
 import threading
 import weakref
-from collections import OrderedDict
 from dataclasses import dataclass, fields
 from typing import Any
 
 import numpy as np
 import torch
 
-_HEADER = 64  # bytes before the first array; the first 4 hold the slot's state
+#: bytes before the first array: int32 state at 0 (free or taken), int32 at 4 set by the
+#: training process once it keeps the slot mapped (the worker then sends the key alone)
+_HEADER = 64
 _ALIGN = 64
 _FREE, _TAKEN = 0, 1
-#: the slots whose mappings the training process keeps, so that a reused slot is not mapped
-#: again: the newest this many, in at most this many bytes (a ring that is gone leaves at most
-#: that much shared memory mapped until newer slots push it out)
-KEPT_MAPPINGS = 16
-KEPT_BYTES = 256 * 2**20
 
 
 @dataclass(frozen=True)
@@ -79,19 +81,22 @@ class SlotLayout:
 class _Slot:
     """One shared segment of a worker's ring."""
 
-    def __init__(self, layout: SlotLayout) -> None:
+    def __init__(self, layout: SlotLayout, key: tuple[int, int, int]) -> None:
         shared = torch.empty(layout.nbytes, dtype=torch.uint8).share_memory_()
+        self.key = key  # (worker pid, ring token, slot index)
         self.storage = shared.untyped_storage()
         self.memory = shared.numpy()
+        self.memory[:_HEADER] = 0
         self.state = self.memory[:4].view(np.int32)
+        self.mapped = self.memory[4:8].view(np.int32)
         self.arrays = {spec.name: _view(self.memory, spec, offset)
                        for spec, offset in zip(layout.specs, layout.offsets, strict=True)}
 
     def reduce(self, batch: Any) -> tuple:
         """How ``batch`` (a dataclass whose tensor fields view this slot) is pickled: the
-        slot's storage (shared by descriptor), where each field lies in it, and the other
-        fields. A field that no longer views the slot (replaced after packing) is pickled as
-        it is."""
+        slot's key, its storage (shared by descriptor) until the training process has said
+        that it keeps the slot mapped, where each field lies in it, and the other fields. A
+        field that no longer views the slot (replaced after packing) is pickled as it is."""
         in_slot, others = [], {}
         base = self.memory.ctypes.data
         for spec_field in fields(batch):
@@ -103,7 +108,8 @@ class _Slot:
                 in_slot.append((spec_field.name, array.dtype.str, array.shape, array.ctypes.data - base))
             else:
                 others[spec_field.name] = value
-        return _rebuild, (type(batch), self.storage, tuple(in_slot), others)
+        storage = None if self.mapped[0] else self.storage
+        return _rebuild, (type(batch), self.key, storage, tuple(in_slot), others)
 
 
 class SlotRing:
@@ -114,6 +120,7 @@ class SlotRing:
             raise ValueError(f"a slot ring needs a capacity of at least 1, not {capacity}")
         self.layout = SlotLayout.of(specs)
         self.capacity = capacity
+        self.token = int.from_bytes(os.urandom(8), "little")  # tells this ring's slots from any other's
         self.slots: list[_Slot] = []
         self.overflows = 0  # batches packed in ordinary memory because every slot was taken
 
@@ -122,7 +129,7 @@ class SlotRing:
         memory, every slot being still in use)."""
         slot = next((s for s in self.slots if s.state[0] == _FREE), None)
         if slot is None and len(self.slots) < self.capacity:
-            slot = _Slot(self.layout)
+            slot = _Slot(self.layout, (os.getpid(), self.token, len(self.slots)))
             self.slots.append(slot)
         if slot is None:
             self.overflows += 1
@@ -134,10 +141,11 @@ class SlotRing:
         return slot.arrays, slot
 
 
-def _rebuild(cls: type, storage: torch.UntypedStorage, in_slot: tuple, others: dict[str, Any]) -> Any:
+def _rebuild(cls: type, key: tuple[int, int, int], storage: torch.UntypedStorage | None, in_slot: tuple,
+             others: dict[str, Any]) -> Any:
     """The batch in the receiving process: its slot fields are views of one memoryview made
     for this batch, whose end frees the slot."""
-    memory = _kept_mapping(storage)
+    memory = _slot_memory(key, storage)
     lease = memoryview(memory)
     tensors = {}
     for name, dtype, shape, offset in in_slot:
@@ -157,29 +165,41 @@ def _release(state: np.ndarray) -> None:
     state[0] = _FREE
 
 
-_KEPT: OrderedDict[int, np.ndarray] = OrderedDict()
-_KEPT_LOCK = threading.Lock()
+_MAPPED: dict[tuple[int, int, int], np.ndarray] = {}  # slot key -> its bytes, mapped here
+_MAPPED_LOCK = threading.Lock()
 mappings_made = 0  # slots this process has mapped (tests read it to see slots being reused)
 
 
-def _kept_mapping(storage: torch.UntypedStorage) -> np.ndarray:
-    """``storage``'s bytes, kept mapped across batches (see ``KEPT_MAPPINGS``): while this
-    process holds it, torch finds the storage in its cache when the same slot arrives again
-    instead of mapping it anew."""
+def _slot_memory(key: tuple[int, int, int], storage: torch.UntypedStorage | None) -> np.ndarray:
+    """The bytes of the slot ``key``, mapped once and kept while its worker lives."""
     global mappings_made
-    key = storage.data_ptr()
-    with _KEPT_LOCK:
-        memory = _KEPT.get(key)
-        if memory is None:
-            memory = _bytes_of(storage)
-            _KEPT[key] = memory
-            mappings_made += 1
-            while len(_KEPT) > 1 and (len(_KEPT) > KEPT_MAPPINGS
-                                      or sum(m.nbytes for m in _KEPT.values()) > KEPT_BYTES):
-                _KEPT.popitem(last=False)
-        else:
-            _KEPT.move_to_end(key)
+    with _MAPPED_LOCK:
+        memory = _MAPPED.get(key)
+        if memory is not None:
+            return memory
+        if storage is None:
+            raise RuntimeError(
+                f"a batch from shared slot {key[2]} of DataLoader worker process {key[0]} arrived "
+                "without the slot's memory, which this process never received: only the process "
+                "that received the slot's first batch can unpickle its later ones")
+        for old in [k for k in _MAPPED if not _alive(k[0])]:
+            del _MAPPED[old]
+        memory = _MAPPED[key] = _bytes_of(storage)
+        mappings_made += 1
+        memory[4:8].view(np.int32)[0] = 1  # the worker may now send the key alone
         return memory
+
+
+def _alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def _bytes_of(storage: torch.UntypedStorage) -> np.ndarray:

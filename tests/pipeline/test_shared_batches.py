@@ -1,6 +1,7 @@
 """DataLoader workers pack batches into shared slots they reuse, never under a live batch."""
 
 import gc
+import os
 import pickle
 from dataclasses import fields
 from multiprocessing.reduction import ForkingPickler
@@ -108,3 +109,54 @@ def test_a_field_replaced_after_packing_is_pickled_by_value():
 def test_a_ring_needs_a_slot():
     with pytest.raises(ValueError, match="capacity of at least 1"):
         shared_batches.SlotRing((), capacity=0)
+
+
+def _storage_sent(batch) -> bool:
+    """Whether pickling ``batch`` now would carry its slot's shared memory."""
+    _, args = batch.__reduce_ex__(pickle.HIGHEST_PROTOCOL)
+    return args[2] is not None
+
+
+def test_a_slot_mapped_by_the_receiver_is_sent_by_key_alone():
+    layout = make_layout("token_topk", k=3, vocab_size=50)
+    packer = TokenPacker(layout, rows=2, length=10, decode=False)
+    ring = packer.slot_ring(capacity=1)
+    data = records(12)
+    first = packer.collate(data[:2], ring=ring)
+    assert _storage_sent(first)  # nobody has mapped the slot yet
+    received = pickle.loads(ForkingPickler.dumps(first))
+    del first, received
+    gc.collect()
+    second = packer.collate(data[2:4], ring=ring)
+    assert second.__dict__["_slot"] is ring.slots[0]
+    assert not _storage_sent(second)
+    assert_same_batch(pickle.loads(ForkingPickler.dumps(second)), packer.collate(data[2:4]))
+
+
+def test_a_slot_key_without_its_mapping_is_a_clear_error(monkeypatch):
+    layout = make_layout("token_topk", k=3, vocab_size=50)
+    packer = TokenPacker(layout, rows=2, length=10, decode=False)
+    ring = packer.slot_ring(capacity=1)
+    first = packer.collate(records(2), ring=ring)
+    pickle.loads(ForkingPickler.dumps(first))
+    del first
+    gc.collect()
+    second = packer.collate(records(2), ring=ring)
+    monkeypatch.setattr(shared_batches, "_MAPPED", {})  # as in a process that never saw the slot
+    with pytest.raises(RuntimeError, match="never received"):
+        pickle.loads(ForkingPickler.dumps(second))
+
+
+def test_the_slots_of_exited_workers_are_unmapped():
+    layout = make_layout("token_topk", k=3, vocab_size=50)
+    packer = TokenPacker(layout, rows=2, length=10, decode=False)
+    data = records(30)
+    epoch = loader(packer, data, slots=2)  # workers not persistent: each epoch has its own
+    for batch in epoch:
+        del batch
+    first_worker = {key[0] for key in shared_batches._MAPPED} - {os.getpid()}
+    assert len(first_worker) == 1
+    for batch in epoch:
+        del batch
+    workers = {key[0] for key in shared_batches._MAPPED} - {os.getpid()}
+    assert len(workers) == 1 and workers != first_worker
