@@ -7,8 +7,9 @@ of its CPU time (BENCHMARKS.md, "Memory-mapped Zarr shards"). This store maps th
 instead and returns a zero-copy view of the bytes asked for, so the codecs decode straight
 from the page cache. The view keeps its mapping alive; nothing is ever written through it.
 
-Committed shards are never changed in place (a rebuilt unit is renamed over the old
-directory), so a mapping cannot see a file shrink under it. Writing still goes through
+Committed shards are never written in place: a shard directory is only ever removed
+(its files unlinked) or replaced by a rename, and a mapping of an unlinked file stays
+valid, so a mapping cannot see a file shrink under it. Writing still goes through
 ``LocalStore``.
 """
 

@@ -2,9 +2,8 @@
 
 Column encodings were chosen by measurement (``benchmarks/bench_codecs.py``): zstd (or lz4,
 or nothing, as ``storage.compression`` says) on every column, dictionary encoding only for
-``doc_key`` and ``lang``, and, when
-compressing, BYTE_STREAM_SPLIT for the sampled ids, entropy and class values and for
-top-k rows of 4-byte elements (see :func:`_split_columns`). Top-k rows are fixed-size
+``doc_key`` and ``lang``, and, when compressing, BYTE_STREAM_SPLIT for the sampled ids,
+entropy and class values and for top-k rows of 4-byte elements (see :func:`_split_columns`). Top-k rows are fixed-size
 binary values (format 2, see ``layout.RecordLayout.arrow_schema``): Arrow reads a
 position's row as one value where a ``fixed_size_list`` cost it a level per id. The file's key-value metadata
 carries the record layout, the config fingerprint and the work unit, so a shard
@@ -106,9 +105,9 @@ class ParquetBackend:
         A local shard is memory-mapped: Arrow then decodes straight from the page cache.
         Through a Python file object (what fsspec gives) each read is copied into a new
         ``bytes`` object first; at k=64 the kernel's page faults for those took about 40%
-        of the reader's CPU time (BENCHMARKS.md, "Memory-mapped Parquet shards"). Shards
-        are never changed in place after commit (replacements are renamed over them), so
-        a mapping cannot see a file shrink under it."""
+        of the reader's CPU time (BENCHMARKS.md, "Memory-mapped Parquet shards and lz4").
+        Shards are never written in place after commit (only removed, or replaced by a
+        rename), so a mapping cannot see a file shrink under it."""
         try:
             source = pa.memory_map(location.full(rel), "r") if location.is_local else location.open(rel, "rb")
             with source:
