@@ -30,9 +30,9 @@ and ``label_offsets`` make any block (or record) readable without touching the r
 
 Every array uses the v3 ``sharding_indexed`` codec: one shard object per array (the whole
 array, rounded up to a multiple of the inner chunk), inner chunks of
-``storage.chunk_tokens`` rows (fewer for a shorter array), each compressed with zstd at
-``storage.compression_level``, with lz4, or not at all, as ``storage.compression`` says. A reader of a
-slice fetches the shard index and only the inner chunks it needs. The group's attributes
+``storage.chunk_tokens`` rows (fewer for a shorter array), each compressed as
+``storage.compression`` says: with zstd at ``storage.compression_level``, with lz4, or not
+at all. A reader of a slice fetches the shard index and only the inner chunks it needs. The group's attributes
 hold, under ``"logitcache"``, the format name and version, the record layout and the
 shard's metadata (config fingerprint, work unit). Strings use zarr's variable-length
 UTF-8 data type (``"string"``); every other array is a plain numeric type.
