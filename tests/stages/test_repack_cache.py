@@ -185,3 +185,23 @@ def test_a_format_1_cache_repacks_into_format_2_without_the_teacher(tmp_path):
         assert pa.types.is_fixed_size_binary(ids_type.value_type)  # format 1 had fixed-size lists here
         assert reader.read_shard(entry, verify=True).equals(block)
     assert verify_cache(str(tmp_path / "new"), deep=True).ok
+
+
+def test_a_repack_to_and_from_object_storage_urls(tmp_path, source):
+    import uuid
+
+    import fsspec
+
+    root = f"/lc-repack-{uuid.uuid4().hex[:12]}"
+    try:
+        remote = f"memory://{root}/cache"
+        repack_cache(str(source), remote, storage={"backend": "zarr", "compression": "lz4"}, progress=False)
+        assert verify_cache(remote, deep=True).ok
+        repack_cache(remote, str(tmp_path / "back"), storage={"backend": "parquet", "compression": "zstd"},
+                     progress=False)
+        assert same_records(source, tmp_path / "back")
+        # the round trip restores the source's identity: a build with its config would extend it
+        assert CacheReader(str(tmp_path / "back")).manifest.config_fingerprint == \
+            CacheReader(str(source)).manifest.config_fingerprint
+    finally:
+        fsspec.filesystem("memory").rm(root, recursive=True)
