@@ -21,7 +21,6 @@ Usage::
 from __future__ import annotations
 
 import argparse
-import shlex
 import shutil
 import sys
 import tempfile
@@ -46,6 +45,7 @@ from bench_reader import (
     run_loader,
     write_caches,
 )
+from publish import command_line, publish
 
 from logitcache.pipeline.collate import TokenPacker, rows_for
 from logitcache.stages.repack_cache import repack_cache
@@ -96,7 +96,7 @@ def main(argv: list[str] | None = None) -> int:
     tokens, shard_tokens = (QUICK_TOKENS, QUICK_SHARD_TOKENS) if args.quick else (DEFAULT_TOKENS, DEFAULT_SHARD_TOKENS)
     shuffle_buffer = QUICK_SHUFFLE_BUFFER if args.quick else SHUFFLE_BUFFER
     repeats = args.repeats or (1 if args.quick else 3)
-    command = "python " + shlex.join([sys.argv[0], *(argv if argv is not None else sys.argv[1:])])
+    command = command_line("bench_repack.py", argv)
     cap_thread_pools()  # one thread per pool; the repack's committer thread is its own
     started = time.perf_counter()
     lines = ["| source | copy | repack s | repack Mtok/s | CPU % | B/token source -> copy | reader Mtok per CPU-s "
@@ -130,9 +130,7 @@ def main(argv: list[str] | None = None) -> int:
         f"whole benchmark {time.perf_counter() - started:.0f} s"
         + (" (--quick: numbers too small to quote)" if args.quick else ""), "", *lines, "",
     ])
-    print(report)
-    if args.out is not None:
-        args.out.write_text(report)
+    publish(report, args.out)
     return 0
 
 
