@@ -20,6 +20,7 @@ Kinds:
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -105,15 +106,18 @@ class RecordLayout:
         """The element type of each top-k column: ids, and the codec's stored values."""
         return {"topk_ids": np.dtype(self.id_type), "topk_logprobs": self.value_storage_dtype}
 
-    def arrow_schema(self, *, format_1: bool = False) -> pa.Schema:
+    def arrow_schema(self, *, format_1: bool = False, position_rows: Collection[str] = ()) -> pa.Schema:
         """Arrow schema of one Parquet shard of this layout.
 
-        Top-k columns hold one fixed-size binary per labelled position: its ``k`` ids (or
-        stored values) as little-endian ``id_type`` (or codec storage type), in rank order,
-        so that reading a position costs one Parquet level rather than one per value. No
-        list item is nullable, which spares Parquet a definition level per value.
-        ``format_1`` gives the schema of format 1 shards instead (top-k as
-        ``list<fixed_size_list<type, k>>``, nullable items), which readers still accept.
+        A top-k column holds one ``large_binary`` per record: the rows of its labelled
+        positions back to back, each row the position's ``k`` ids (or stored values) as
+        little-endian ``id_type`` (or codec storage type), in rank order. Parquet then reads
+        a record's labels as one value, close to a plain copy. The top-k columns named in
+        ``position_rows`` hold one fixed-size binary per position instead (``list<binary[k x
+        element bytes]>``, format 2's form of every top-k column), which Parquet can split
+        into byte streams (see ``parquet_backend``). No list item is nullable, which spares
+        Parquet a definition level per value. ``format_1`` gives the schema of format 1 shards
+        (top-k as ``list<fixed_size_list<type, k>>``, nullable items), which readers still accept.
         """
         def listed(item: pa.DataType) -> pa.DataType:
             return pa.list_(item) if format_1 else pa.list_(pa.field("element", item, nullable=False))
@@ -135,11 +139,14 @@ class RecordLayout:
                 pa.field("topk_logprobs", listed(pa.list_(value_t, self.k)), nullable=False),
             ]
         elif self.has_topk:
-            fields += [
-                pa.field(name, listed(pa.binary(self.k * dtype.itemsize)), nullable=False,
-                         metadata=_row_metadata(dtype.name, self.k))
-                for name, dtype in self.topk_dtypes.items()
-            ]
+            unknown = set(position_rows) - set(self.topk_dtypes)
+            if unknown:
+                raise ValueError(f"position_rows names no top-k column: {', '.join(sorted(unknown))}")
+            for name, dtype in self.topk_dtypes.items():
+                per_position = name in position_rows
+                column_t = listed(pa.binary(self.k * dtype.itemsize)) if per_position else pa.large_binary()
+                fields.append(pa.field(name, column_t, nullable=False,
+                                       metadata=_row_metadata(dtype.name, self.k, per_position=per_position)))
         if self.has_samples:
             count_t = pa.from_numpy_dtype(SAMPLE_COUNT_TYPE)
             fields += [
@@ -158,6 +165,7 @@ class RecordLayout:
         return pa.schema(fields)
 
 
-def _row_metadata(element_type: str, k: int) -> dict[str, str]:
-    """Field metadata that lets any Parquet reader decode a top-k row without logitcache."""
-    return {"logitcache.row": f"{k} x little-endian {element_type}"}
+def _row_metadata(element_type: str, k: int, *, per_position: bool) -> dict[str, str]:
+    """Field metadata that lets any Parquet reader decode top-k rows without logitcache."""
+    value = "one row per labelled position" if per_position else "the record's rows, one per labelled position"
+    return {"logitcache.row": f"{k} x little-endian {element_type}", "logitcache.value": value}

@@ -16,6 +16,11 @@ major version with an error that says to upgrade logitcache. Major versions:
    makes them several times faster to read (BENCHMARKS.md). Readers still read format 1
    shards, each shard by its own schema; a build that adds shards to a format 1 cache
    writes format 2 shards and marks the cache 2.0. Zarr shards did not change.
+3. Parquet shards store a record's top-k ids and values as one binary value per record
+   (its positions' rows back to back), which halves the read time of an uncompressed
+   shard; columns that Parquet splits into byte streams (4-byte elements, compressed) keep
+   format 2's row per position. Shards of formats 1 and 2 are still read, and a build that
+   adds to such a cache writes format 3 shards and marks it 3.0, as above.
 """
 
 from __future__ import annotations
@@ -30,9 +35,9 @@ from logitcache.storage_schemas.layout import RecordLayout
 from logitcache.storage_schemas.location import CacheLocation
 
 FORMAT_NAME = "logitcache"
-FORMAT_VERSION = "2.0"
+FORMAT_VERSION = "3.0"
 #: Major versions this logitcache reads.
-READABLE_MAJORS = (1, 2)
+READABLE_MAJORS = (1, 2, 3)
 MANIFEST_FILE = "manifest.json"
 SHARDS_DIR = "shards"
 INCOMPLETE_DIR = "_incomplete"

@@ -3,11 +3,16 @@
 Column encodings were chosen by measurement (``benchmarks/bench_codecs.py``): zstd (or lz4,
 or nothing, as ``storage.compression`` says) on every column, dictionary encoding only for
 ``doc_key`` and ``lang``, and, when compressing, BYTE_STREAM_SPLIT for the sampled ids,
-entropy and class values and for top-k rows of 4-byte elements (see :func:`_split_columns`). Top-k rows are fixed-size
-binary values (format 2, see ``layout.RecordLayout.arrow_schema``): Arrow reads a
-position's row as one value where a ``fixed_size_list`` cost it a level per id. The file's key-value metadata
-carries the record layout, the config fingerprint and the work unit, so a shard
-describes itself even away from its manifest.
+entropy and class values and for top-k rows of 4-byte elements (see :func:`_split_columns`).
+
+A top-k column holds one binary value per record, the record's rows back to back (format 3,
+see ``layout.RecordLayout.arrow_schema``): Arrow reads it at close to the speed of a copy,
+where one fixed-size binary per position (format 2) cost it a level and a value per
+position, about twice the read time of an uncompressed shard (BENCHMARKS.md, "Cache format
+3"). Byte stream splitting applies to fixed-size values only, so a column it helps (4-byte
+elements, compressed) keeps format 2's form: :func:`position_row_columns`. The file's
+key-value metadata carries the record layout, the config fingerprint and the work unit, so a
+shard describes itself even away from its manifest.
 
 A shard on a local disk is read through a memory map (see :meth:`ParquetBackend._opened`):
 read through a Python file object, every block landed first in a fresh ``bytes`` object,
@@ -58,9 +63,18 @@ def _split_columns(schema: pa.Schema, layout: RecordLayout) -> list[str]:
     # lets zstd drop the near-constant high bytes of uint32 ids (131.6 -> 111.9 bytes per
     # token at a 150k vocabulary) and of float32 values (225.1 -> 192.8); for 1- and 2-byte
     # elements it made the output larger (float16 values 57.2 -> 73.8) and reading slower.
-    if layout.has_topk:
-        out += [f"{name}.list.element" for name, dtype in layout.topk_dtypes.items() if dtype.itemsize >= 4]
+    # (:func:`position_row_columns` picks those columns: the top-k columns stored per position)
+    out += [f"{name}.list.element" for name in layout.topk_dtypes
+            if name in schema.names and pa.types.is_list(schema.field(name).type)]
     return out
+
+
+def position_row_columns(layout: RecordLayout, compression: str) -> frozenset[str]:
+    """The top-k columns that a shard compressed with ``compression`` stores as one binary
+    row per position, for Parquet to split into byte streams: 4-byte elements, compressed."""
+    if not layout.has_topk or compression == "none":
+        return frozenset()
+    return frozenset(name for name, dtype in layout.topk_dtypes.items() if dtype.itemsize >= 4)
 
 
 #: ``storage.compression`` -> Parquet codec. lz4 is the block format without framing
@@ -77,7 +91,7 @@ class ParquetBackend:
         layout: RecordLayout, storage: StorageConfig, metadata: dict[str, str],
     ) -> int:
         """Write ``block`` to ``rel``; return the number of row groups written."""
-        table = block_to_table(block, layout)
+        table = block_to_table(block, layout, position_rows=position_row_columns(layout, storage.compression))
         file_metadata = {f"{METADATA_PREFIX}{k}": v for k, v in metadata.items()}
         file_metadata[f"{METADATA_PREFIX}layout"] = json.dumps(layout.to_dict())
         schema = table.schema.with_metadata(file_metadata)

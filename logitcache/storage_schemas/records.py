@@ -17,6 +17,7 @@ Python loop over tokens:
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from dataclasses import dataclass, fields, replace
 
 import numpy as np
@@ -218,14 +219,27 @@ def _binary_rows(matrix: np.ndarray, row_type: pa.FixedSizeBinaryType) -> pa.Arr
     return pa.Array.from_buffers(row_type, len(rows), [None, pa.py_buffer(rows)])
 
 
+def _record_rows(matrix: np.ndarray, label_offsets: np.ndarray) -> pa.Array:
+    """One ``large_binary`` per record: the rows of ``matrix`` (little-endian) of its labelled
+    positions ``label_offsets[r]:label_offsets[r + 1]``, back to back (no copy when the rows
+    are already contiguous little-endian)."""
+    rows = np.ascontiguousarray(matrix, dtype=_little_endian(matrix.dtype))
+    row_bytes = rows.shape[1] * rows.itemsize
+    offsets = (np.asarray(label_offsets, dtype=np.int64) - label_offsets[0]) * row_bytes
+    return pa.Array.from_buffers(pa.large_binary(), len(offsets) - 1,
+                                 [None, pa.py_buffer(offsets), pa.py_buffer(rows)])
+
+
 def _fixed_rows(matrix: np.ndarray, row_type: pa.FixedSizeListType) -> pa.FixedSizeListArray:
     return pa.FixedSizeListArray.from_arrays(pa.array(matrix.reshape(-1), row_type.value_type), type=row_type)
 
 
-def block_to_table(block: RecordBlock, layout: RecordLayout) -> pa.Table:
-    """The Arrow table of ``block`` in ``layout``'s schema (no per-token Python loops)."""
+def block_to_table(block: RecordBlock, layout: RecordLayout, *, position_rows: Collection[str] = ()) -> pa.Table:
+    """The Arrow table of ``block`` in ``layout``'s schema (no per-token Python loops); the
+    top-k columns named in ``position_rows`` hold one binary row per position, the others
+    one binary value per record (see ``RecordLayout.arrow_schema``)."""
     block.validate(layout)
-    schema = layout.arrow_schema()
+    schema = layout.arrow_schema(position_rows=position_rows)
     types = {f.name: f.type for f in schema}
     tok = block.token_offsets - block.token_offsets[0]
     lab = block.label_offsets
@@ -240,7 +254,9 @@ def block_to_table(block: RecordBlock, layout: RecordLayout) -> pa.Table:
         columns["context_length"] = pa.array(block.context_length, pa.uint32())
     if layout.has_topk:
         for name in ("topk_ids", "topk_logprobs"):
-            columns[name] = _list_array(lab, _binary_rows(getattr(block, name), types[name].value_type), types[name])
+            rows = getattr(block, name)
+            columns[name] = (_list_array(lab, _binary_rows(rows, types[name].value_type), types[name])
+                             if name in position_rows else _record_rows(rows, lab))
     if layout.has_samples:
         s_off = block.sample_offsets - block.sample_offsets[0]
         counts_t = pa.from_numpy_dtype(SAMPLE_COUNT_TYPE)
@@ -275,17 +291,23 @@ def _numpy(arr: pa.Array) -> np.ndarray:
     return arr.to_numpy(zero_copy_only=False)
 
 
-def _topk_rows(column: pa.ChunkedArray, dtype: np.dtype | str, k: int) -> np.ndarray:
-    """A top-k column as a ``[P, k]`` array: binary rows viewed in place (format 2), or
-    the values of ``fixed_size_list`` rows (format 1)."""
-    _, rows = _flat(column)
+def _topk_rows(column: pa.ChunkedArray, name: str, dtype: np.dtype | str, k: int,
+               label_offsets: np.ndarray) -> np.ndarray:
+    """A top-k column as a ``[P, k]`` array, viewed in place where its form allows: one
+    binary value per record (format 3), one fixed-size binary per position (format 2, and
+    format 3's byte-stream-split columns), or ``fixed_size_list`` rows (format 1)."""
+    dtype = _little_endian(dtype)
+    row_bytes = k * dtype.itemsize
+    arr = _whole(column)
+    if pa.types.is_large_binary(arr.type):
+        return _record_rows_view(arr, name, dtype, k, label_offsets)
+    _, rows = _flat(arr)
     if not pa.types.is_fixed_size_binary(rows.type):
         return _numpy(rows.flatten()).reshape(-1, k)
-    dtype = _little_endian(dtype)
-    if rows.type.byte_width != k * dtype.itemsize:
+    if rows.type.byte_width != row_bytes:
         raise CacheFormatError(
             f"top-k rows of {rows.type.byte_width} bytes, but the layout says {k} x {dtype.name} "
-            f"({k * dtype.itemsize} bytes)"
+            f"({row_bytes} bytes)"
         )
     if len(rows) == 0:
         return np.empty((0, k), dtype=dtype)
@@ -294,6 +316,29 @@ def _topk_rows(column: pa.ChunkedArray, dtype: np.dtype | str, k: int) -> np.nda
     if data is None or data.size < start + size:
         raise CacheFormatError(f"top-k column holds fewer bytes than its {len(rows)} rows need")
     return np.frombuffer(data, dtype=dtype, count=len(rows) * k, offset=start).reshape(-1, k)
+
+
+def _record_rows_view(arr: pa.Array, name: str, dtype: np.dtype, k: int, label_offsets: np.ndarray) -> np.ndarray:
+    """The ``[P, k]`` rows of a column of one binary value per record, after checking that
+    each value holds exactly its record's labelled positions."""
+    row_bytes = k * dtype.itemsize
+    offsets_buffer, data = arr.buffers()[1], arr.buffers()[2]
+    offsets = np.frombuffer(offsets_buffer, dtype="<i8", count=len(arr) + 1, offset=arr.offset * 8)
+    need = np.diff(np.asarray(label_offsets, dtype=np.int64)) * row_bytes
+    have = np.diff(offsets)
+    if len(have) != len(need) or not np.array_equal(have, need):
+        bad = int(np.flatnonzero(have != need)[0]) if len(have) == len(need) else 0
+        raise CacheFormatError(
+            f"{name} of record {bad} holds {int(have[bad]) if len(have) else 0} bytes, but its "
+            f"{int(need[bad] // row_bytes) if len(need) else 0} labelled positions need "
+            f"{int(need[bad]) if len(need) else 0} ({k} x {dtype.name} per position)"
+        )
+    positions = int(need.sum()) // row_bytes
+    if positions == 0:
+        return np.empty((0, k), dtype=dtype)
+    if data is None or data.size < int(offsets[-1]):
+        raise CacheFormatError(f"{name} holds fewer bytes than its {len(arr)} records need")
+    return np.frombuffer(data, dtype=dtype, count=positions * k, offset=int(offsets[0])).reshape(-1, k)
 
 
 def table_to_block(table: pa.Table, layout: RecordLayout) -> RecordBlock:
@@ -316,8 +361,9 @@ def table_to_block(table: pa.Table, layout: RecordLayout) -> RecordBlock:
     if layout.is_token_level:
         block.context_length = _numpy(_whole(table.column("context_length")))
     if layout.has_topk:
+        label_offsets = block.label_offsets
         for name, dtype in layout.topk_dtypes.items():
-            setattr(block, name, _topk_rows(table.column(name), dtype, layout.k))
+            setattr(block, name, _topk_rows(table.column(name), name, dtype, layout.k, label_offsets))
     if layout.has_samples:
         _, per_pos = _flat(table.column("sample_ids"))
         s_off, sids = _flat(per_pos)

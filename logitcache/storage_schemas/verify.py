@@ -40,6 +40,7 @@ from logitcache.storage_schemas.manifest import (
     Manifest,
     ShardEntry,
 )
+from logitcache.storage_schemas.parquet_backend import position_row_columns
 from logitcache.storage_schemas.value_codecs import get_value_codec
 
 
@@ -185,10 +186,12 @@ def _check_structure(location: CacheLocation, backend, manifest: Manifest, entry
     layout = manifest.layout
     schema = backend.arrow_schema(location, entry.path)
     if schema is not None:
-        expected = layout.arrow_schema()
-        # a format 1 shard (kept when a build added format 2 shards to its cache) is still read
-        if not any(schema.equals(form, check_metadata=False)
-                   for form in (expected, layout.arrow_schema(format_1=True))):
+        expected = layout.arrow_schema(
+            position_rows=position_row_columns(layout, str(manifest.storage.get("compression", "zstd"))))
+        # shards of formats 1 and 2 (kept when a build added newer shards to the cache) are still read
+        older = (layout.arrow_schema(position_rows=layout.topk_dtypes if layout.has_topk else ()),
+                 layout.arrow_schema(format_1=True))
+        if not any(schema.equals(form, check_metadata=False) for form in (expected, *older)):
             problems.append(f"schema differs from the layout's: {_schema_diff(schema, expected)}")
     metadata = backend.read_metadata(location, entry.path)
     stored_layout = metadata.get("layout")

@@ -170,19 +170,20 @@ def test_cli_repack(tmp_path, source):
     assert bad.exit_code == 2 and "DEST is SOURCE" in bad.output
 
 
-def test_a_format_1_cache_repacks_into_format_2_without_the_teacher(tmp_path):
+@pytest.mark.parametrize("major", [1, 2])
+def test_an_older_format_cache_repacks_into_format_3_without_the_teacher(tmp_path, major):
     from tests.factories import make_layout
-    from tests.storage_schemas.test_format_versions import _build, rewrite_as_format_1
+    from tests.storage_schemas.test_format_versions import _build, rewrite_in_format
 
     layout = make_layout("token_topk", value_codec="q8")
     blocks = _build(tmp_path / "old", layout, units=2)
-    rewrite_as_format_1(tmp_path / "old", layout, blocks)
+    rewrite_in_format(tmp_path / "old", layout, blocks, major)
     repack_cache(str(tmp_path / "old"), str(tmp_path / "new"), progress=False)
     reader = CacheReader(str(tmp_path / "new"))
-    assert reader.manifest.format_version.startswith("2.")
+    assert reader.manifest.format_version.startswith("3.")
     for entry, block in zip(reader.shards, blocks, strict=True):
         ids_type = pq.read_schema(tmp_path / "new" / entry.path).field("topk_ids").type
-        assert pa.types.is_fixed_size_binary(ids_type.value_type)  # format 1 had fixed-size lists here
+        assert pa.types.is_large_binary(ids_type)  # formats 1 and 2 had a list of rows here
         assert reader.read_shard(entry, verify=True).equals(block)
     assert verify_cache(str(tmp_path / "new"), deep=True).ok
 

@@ -17,20 +17,32 @@ from tests.factories import make_block, make_layout
 
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("codec", ["float32", "float16", "q8"])
-def test_arrow_round_trip(kind, codec):
+@pytest.mark.parametrize("position_rows", [(), ("topk_ids",), ("topk_ids", "topk_logprobs")])
+def test_arrow_round_trip(kind, codec, position_rows):
     layout = make_layout(kind, value_codec=codec)
+    position_rows = position_rows if layout.has_topk else ()
     block = make_block(layout, records=9)
-    table = block_to_table(block, layout)
-    assert table.schema.equals(layout.arrow_schema())
+    table = block_to_table(block, layout, position_rows=position_rows)
+    assert table.schema.equals(layout.arrow_schema(position_rows=position_rows))
     assert table_to_block(table, layout).equals(block)
 
 
-def test_arrow_round_trip_of_a_slice():
-    # a sliced table has non-zero list offsets: reading must rebase them
+@pytest.mark.parametrize("position_rows", [(), ("topk_ids", "topk_logprobs")])
+def test_arrow_round_trip_of_a_slice(position_rows):
+    # a sliced table has non-zero list and binary offsets: reading must rebase them
     layout = make_layout("token_topk_sampled")
     block = make_block(layout, records=10)
-    table = block_to_table(block, layout)
+    table = block_to_table(block, layout, position_rows=position_rows)
     assert table_to_block(table.slice(3, 4), layout).equals(block.take_records(3, 7))
+
+
+def test_a_top_k_record_value_is_a_view_of_the_column():
+    # the point of one value per record: reading the rows is no copy
+    layout = make_layout("token_topk", k=4)
+    table = block_to_table(make_block(layout, records=6), layout)
+    block = table_to_block(table, layout)
+    data = table.column("topk_ids").chunk(0).buffers()[2]
+    assert block.topk_ids.ctypes.data == data.address
 
 
 def test_take_and_concat_are_inverse():
@@ -94,10 +106,16 @@ def test_layout_errors_are_clear():
 def test_layout_schema_types():
     layout = make_layout("token_topk", k=8, value_codec="q8", vocab_size=150_000)
     schema = layout.arrow_schema()
-    # format 2: one fixed-size binary per position (8 uint32 ids; 8 one-byte q8 values)
-    assert schema.field("topk_ids").type.value_type == pa.binary(32)
-    assert schema.field("topk_logprobs").type.value_type == pa.binary(8)
-    assert not schema.field("topk_ids").type.value_field.nullable
+    # format 3: one binary value per record (its positions' rows)
+    assert schema.field("topk_ids").type == pa.large_binary()
+    assert schema.field("topk_logprobs").type == pa.large_binary()
+    # or one fixed-size binary per position (8 uint32 ids; 8 one-byte q8 values)
+    per_position = layout.arrow_schema(position_rows={"topk_ids", "topk_logprobs"})
+    assert per_position.field("topk_ids").type.value_type == pa.binary(32)
+    assert per_position.field("topk_logprobs").type.value_type == pa.binary(8)
+    assert not per_position.field("topk_ids").type.value_field.nullable
+    with pytest.raises(ValueError, match="position_rows names no top-k column: entropy"):
+        layout.arrow_schema(position_rows={"entropy"})
     legacy = layout.arrow_schema(format_1=True)
     assert legacy.field("topk_ids").type == pa.list_(pa.list_(pa.uint32(), 8))
     assert legacy.field("topk_logprobs").type == pa.list_(pa.list_(pa.uint8(), 8))
