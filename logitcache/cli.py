@@ -115,8 +115,8 @@ def repack(source: str, dest: str, backend: str | None, compression: str | None,
 
     Settings not given are SOURCE's. The teacher is not needed: the stored soft labels are
     copied as they are, only the bytes around them change. For example, to train from an
-    lz4 copy of a zstd cache (in our benchmark 1.7 to 1.8 times as fast to read, and 40 to
-    55% larger):
+    lz4 copy of a zstd cache (in our benchmark 2 to 2.6 times as fast to read, and 40 to
+    60% larger):
 
         logitcache repack runs/cache runs/cache-lz4 --compression lz4
 
