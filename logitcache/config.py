@@ -377,12 +377,14 @@ class TrainConfig(_Section):
     output: str = "runs/students"  # Directory of the students' checkpoints and logs.
     seed: int = _field(0, ge=0)  # Seed of initialisation and data order.
     eval_every: int = _field(0, ge=0)  # Steps between evaluations; 0 evaluates only at the end.
-    save_every: int = _field(0, ge=0)  # Steps between checkpoints; 0 saves only at the end.
+    save_every: int = _field(0, ge=0)  # Batches between checkpoints; 0 saves only at the end.
     num_workers: int = _field(0, ge=0)  # DataLoader worker processes.
+    # Reading lanes per rank, taken in turn (null: one per worker). Fixed, the batch order is the same for any worker count that divides it.
+    lanes: int | None = _field(None, ge=1)
     shuffle_buffer: int = _field(4096, ge=0)  # Records held for streaming shuffle; 0 reads in cache order.
     languages: list[str] | None = None  # Train only on these language tags; None uses all.
     # Language sampling weights p ~ n**alpha; 1 samples by size, smaller values favour small languages.
-    lang_alpha: float = _field(1.0, gt=0, le=1)
+    lang_alpha: float = _field(1.0, ge=0, le=1)
     device: str = "auto"  # Torch device; auto picks a GPU when there is one.
     # A shard whose bytes no longer match the manifest (changed, truncated, missing): stop the run, or skip it (warned, counted in the metrics).
     on_corrupt_shard: Literal["stop", "skip"] = "stop"

@@ -34,6 +34,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from logitcache.pipeline.dataset import round_robin
 from logitcache.pipeline.shared_batches import ArraySpec, SlotRing, new_arrays
 from logitcache.pipeline.stored_topk import StoredTopK, id_bits, widen_topk
 from logitcache.storage_schemas.layout import RecordLayout
@@ -316,7 +317,10 @@ class PackedBatches(torch.utils.data.IterableDataset):
     """The batches of a packer over a record dataset, built inside the DataLoader workers.
 
     ``dataset`` stays reachable as ``.dataset`` in the main process, where the training loop
-    reports consumed batches to it (``dataset.observe(batch.cursors)``) for exact resume.
+    reports consumed batches to it (``dataset.observe(batch.cursors)``, once per batch) for
+    exact resume. Each batch is packed from the records of one of the dataset's lanes, and
+    batches come from the lanes in turn (``CacheDataset.lane_streams``), so the sequence of
+    batches does not depend on the number of workers that share the lanes.
     Inside a DataLoader worker, token batches are packed into the worker's ring of reusable
     shared memory (:mod:`~logitcache.pipeline.shared_batches`), kept across epochs.
     """
@@ -327,8 +331,9 @@ class PackedBatches(torch.utils.data.IterableDataset):
         self._ring: SlotRing | None = None
 
     def __iter__(self) -> Iterator[TokenBatch | SequenceBatch]:
+        lanes = self.dataset.lane_streams() if hasattr(self.dataset, "lane_streams") else [iter(self.dataset)]
         if isinstance(self.packer, TokenPacker) and self.slots and torch.utils.data.get_worker_info() is not None:
             if self._ring is None:
                 self._ring = self.packer.slot_ring(capacity=self.slots)
-            return self.packer.pack(iter(self.dataset), ring=self._ring)
-        return self.packer.pack(iter(self.dataset))
+            return round_robin([self.packer.pack(lane, ring=self._ring) for lane in lanes])
+        return round_robin([self.packer.pack(lane) for lane in lanes])

@@ -11,10 +11,22 @@ reads the cache in order, one block per window.
 Why windows. A window is both the bounded shuffle buffer (its memory is about
 ``shuffle_buffer`` records) and the unit of work: each window is read by exactly one
 consumer (a DataLoader worker of a rank), so a consumer reads only its own blocks and no
-data is read twice, yet the order does not depend on how many consumers there are.
-Window g goes to rank ``g % world_size`` and, within the rank, to worker
-``(g // world_size) % num_workers``: a rank can tell its own windows without knowing its
-worker count, so its progress can be pruned and merged with other ranks'.
+data is read twice. Window g goes to rank ``g % world_size``: a rank can tell its own
+windows without knowing its worker count, so its progress can be pruned and merged with
+other ranks'.
+
+Lanes. Within a rank, the rank's windows are dealt to ``lanes`` streams (window j of the
+rank to lane ``j % lanes``; each lane reads its windows epoch after epoch), and the rank's
+items come from the lanes in turn: item t (a record, or a batch packed from one lane, see
+``collate.PackedBatches``) is the next item of lane ``t % lanes``. DataLoader takes one item
+from each worker in turn, so a worker serves every ``num_workers``-th lane, starting from
+the lane whose turn it is when iteration starts (the rank's count of observed items). The
+rank's sequence of items is then the same for any number of workers that divides
+``lanes``, and a resumed run goes on with the very item the interrupted one would have
+taken next. ``lanes=None`` (the default) gives a lane per worker. Lanes beyond the rank's
+windows are left out; a lane that runs dry (the end of a counted stream, or a filter that
+leaves its windows empty for several epochs in a row) leaves the turn to the others, and
+from then on the order holds only for the same worker count.
 
 Split. ``split="eval"`` keeps the records whose *split key* hashes below
 ``held_out_fraction``, ``"train"`` the others. The key is the record id of the document's
@@ -25,10 +37,11 @@ Resume. Workers are copies of the dataset, so the copy in the training process l
 what was consumed from the records' cursors ``(epoch, window, index, window size)``
 passed to :meth:`CacheDataset.observe`. A window's records reach the training loop in
 order, so per window only the consumed prefix length is kept; completed epochs are
-pruned. :meth:`~CacheDataset.state_dict` holds that progress and the settings that define
-the order; after :meth:`~CacheDataset.load_state_dict` done windows are skipped, partly
-consumed ones resume at their offset, and the rest are dealt to the current consumers,
-so resuming with other worker or rank counts is exact. A window known from the manifest
+pruned. :meth:`~CacheDataset.state_dict` holds that progress, the count of observed items,
+and the settings that define the order; after :meth:`~CacheDataset.load_state_dict` done
+windows are skipped, partly consumed ones resume at their offset, and the rest are dealt to
+the current consumers: resuming with other worker or rank counts yields every remaining
+record once, and with the same lanes (and ranks) in the same order as without the stop. A window known from the manifest
 to hold no kept record is never read and counts as done; one that turns out empty only
 after reading (e.g. all its records held out) keeps its epoch open in the state.
 """
@@ -40,6 +53,7 @@ import hashlib
 import json
 import math
 import os
+from collections import deque
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -133,7 +147,9 @@ class CacheDataset(IterableDataset):
     ``world_size`` default to torch.distributed's at construction. ``verify`` checks each
     shard's sha256 once per process before reading it, and stops at a bad one with an error
     that says how to repair the cache. ``skip_shards`` (paths as the manifest lists them)
-    are never read: blocks of theirs count as holding no record.
+    are never read: blocks of theirs count as holding no record. ``lanes`` sets how many
+    streams a rank's windows are dealt to (see the module docstring; None: one per
+    DataLoader worker); :meth:`observe` must be called once per item (record, or batch).
     """
 
     def __init__(
@@ -141,7 +157,7 @@ class CacheDataset(IterableDataset):
         shuffle_buffer: int = 4096, split: Split = "all", held_out_fraction: float = 0.0,
         languages: list[str] | None = None, lang_alpha: float = 1.0,
         rank: int | None = None, world_size: int | None = None, verify: bool = False,
-        skip_shards: Iterable[str] = (),
+        skip_shards: Iterable[str] = (), lanes: int | None = None,
     ) -> None:
         super().__init__()
         self._reader = cache if isinstance(cache, CacheReader) else CacheReader(cache)
@@ -153,6 +169,7 @@ class CacheDataset(IterableDataset):
         self.languages = sorted(set(languages)) if languages is not None else None
         self.rank, self.world_size = _resolve_rank(rank, world_size)
         self.skip_shards = frozenset(skip_shards)
+        self.lanes = lanes
         self._check_settings()
         blocks = sum(s.blocks for s in self._manifest.shards)
         mean_records = max(self._manifest.total_records / max(blocks, 1), 1e-9)
@@ -168,6 +185,7 @@ class CacheDataset(IterableDataset):
         self._done: dict[int, set[int]] = {}  # open epoch -> done windows
         self._consumed: dict[int, dict[int, int]] = {}  # open epoch -> window -> records consumed
         self._left: dict[int, int] = {}  # open epoch -> this rank's non-empty windows not done
+        self._items = 0  # items (records or batches) this rank has observed: whose lane's turn is next
 
     def _check_settings(self) -> None:
         present = self._manifest.lang_totals()
@@ -183,6 +201,8 @@ class CacheDataset(IterableDataset):
             (self.split != "eval" or self.held_out_fraction > 0, "split eval needs held_out_fraction > 0"),
             (self.lang_alpha >= 0.0, f"lang_alpha must be >= 0, got {self.lang_alpha}"),
             (0 <= self.rank < self.world_size, f"rank must be in [0, {self.world_size}), not {self.rank}"),
+            (self.lanes is None or (isinstance(self.lanes, int) and self.lanes >= 1),
+             f"lanes must be an int >= 1 or None, not {self.lanes!r}"),
             (not missing, f"languages {missing} are not in the cache, which holds: {held}"),
         ]
         problems = [message for ok, message in checks if not ok]
@@ -276,18 +296,45 @@ class CacheDataset(IterableDataset):
             counts *= np.floor(factor).astype(np.int64) + (draw < factor - np.floor(factor))
         return np.repeat(np.arange(block.num_records), counts)
 
-    def __iter__(self) -> Iterator[CachedRecord]:
+    def lanes_for(self, workers: int) -> int:
+        """How many lanes this rank reads with ``workers`` DataLoader workers (0: in-process);
+        raises ConfigError when the workers cannot share them evenly."""
+        own = len(range(self.rank, self._num_windows, self.world_size))
+        consumers = max(workers, 1)
+        lanes = min(self.lanes if self.lanes is not None else consumers, own)
+        if lanes and lanes > consumers and lanes % consumers:
+            raise ConfigError(
+                f"{lanes} reading lanes cannot be shared evenly by {consumers} DataLoader workers; "
+                "use a worker count that divides the lanes (train.lanes), or no lanes setting"
+            )
+        return lanes
+
+    def lane_streams(self) -> list[Iterator[CachedRecord]]:
+        """This consumer's lanes, each a stream of records, in the order of their turns: the
+        consumer's next item comes from the first, the one after from the second, and so on
+        around (see the module docstring)."""
         info = get_worker_info()
-        workers, worker = (info.num_workers, info.id) if info is not None else (1, 0)
-        first, stride = self.rank + self.world_size * worker, self.world_size * workers
-        if first >= self._num_windows:
-            return
+        workers, worker = (info.num_workers, info.id) if info is not None else (0, 0)
+        lanes = self.lanes_for(workers)
+        consumers = min(max(workers, 1), lanes)
+        if worker >= consumers:
+            return []
+        own = list(range(self.rank, self._num_windows, self.world_size))
         done, consumed = copy.deepcopy(self._done), copy.deepcopy(self._consumed)
+        turns = [(self._items + worker + k * consumers) % lanes for k in range(lanes // consumers)]
+        return [self._lane_records(own[lane::lanes], done, consumed) for lane in turns]
+
+    def __iter__(self) -> Iterator[CachedRecord]:
+        return round_robin(self.lane_streams())
+
+    def _lane_records(self, windows: list[int], done: dict[int, set[int]],
+                      consumed: dict[int, dict[int, int]]) -> Iterator[CachedRecord]:
+        """The records of a lane's ``windows``, epoch after epoch, from the first open one."""
         epoch, empty_epochs = self._first_open, 0
         while self.epochs is None or epoch < self.epochs:
             order, nonempty = self._plan(epoch)
             yielded = 0
-            for window in range(first, self._num_windows, stride):
+            for window in windows:
                 if not nonempty[window] or window in done.get(epoch, ()):
                     continue
                 blocks = order[window * self._window_blocks:(window + 1) * self._window_blocks]
@@ -299,7 +346,7 @@ class CacheDataset(IterableDataset):
             # share of one was empty would spin forever (and stall a DataLoader)
             if not (yielded or done.get(epoch) or self.shuffle_buffer or self.lang_alpha != 1.0):
                 return
-            # with shuffling, an epoch can leave this consumer empty by chance, but not many in
+            # with shuffling, an epoch can leave this lane empty by chance, but not many in
             # a row unless the split itself is empty (e.g. every record held out)
             empty_epochs = 0 if yielded else empty_epochs + 1
             if empty_epochs >= _MAX_EMPTY_EPOCHS:
@@ -340,10 +387,12 @@ class CacheDataset(IterableDataset):
     # ------------------------------------------------------------------ progress
 
     def observe(self, cursors: Iterable[tuple[int, int, int, int]] | Any) -> None:
-        """Note that the training loop consumed the records with these cursors (a sequence
-        of cursors, or an array / tensor of shape [B, 4])."""
+        """Note that the training loop consumed one item: a record, or a batch of records,
+        with these cursors (a sequence of cursors, or an array / tensor of shape [B, 4]).
+        Call it once per item, in the order the items came: the count says whose turn is next."""
         if not hasattr(cursors, "__len__"):
             cursors = list(cursors)
+        self._items += 1
         for epoch, window, index, size in np.asarray(cursors, dtype=np.int64).reshape(-1, 4).tolist():
             if epoch < self._first_open or window in self._done.get(epoch, ()):
                 continue
@@ -377,7 +426,8 @@ class CacheDataset(IterableDataset):
     def state_dict(self) -> dict[str, Any]:
         """Progress and order settings, JSON-serialisable; covers this rank's windows."""
         return _state(self._settings(), self._num_windows, [self.rank, self.world_size],
-                      self._first_open, self._done, self._consumed)
+                      self._first_open, self._done, self._consumed,
+                      items={"world_size": self.world_size, "ranks": {str(self.rank): self._items}})
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Resume from ``state``; raises ConfigError if it was saved for another order."""
@@ -390,6 +440,11 @@ class CacheDataset(IterableDataset):
                 "CacheDataset.merge_states to resume with another world size"
             )
         self._first_open, self._done, self._consumed = _progress(state)
+        # the turn is kept only for the world size it was counted for (another one regroups
+        # the windows, so no turn would give the same order) and in states that have one
+        items = state.get("items") or {}
+        same_world = items.get("world_size") == self.world_size
+        self._items = int(items.get("ranks", {}).get(str(self.rank), 0)) if same_world else 0
         self._latest = max([self._first_open - 1, *self._done, *self._consumed])
         self._left = {}
         self._prune()
@@ -409,6 +464,11 @@ class CacheDataset(IterableDataset):
         first = min(s["first_open_epoch"] for s in states)
         done: dict[int, set[int]] = {}
         consumed: dict[int, dict[int, int]] = {}
+        counted = [s["items"] for s in states if s.get("items")]
+        items = {"world_size": counted[0]["world_size"] if counted else None, "ranks": {}}
+        for count in counted:
+            if count["world_size"] == items["world_size"]:
+                items["ranks"].update(count["ranks"])
         for state in states:
             rank, world = state["coverage"]
             own_first, own_done, own_consumed = _progress(state)
@@ -427,7 +487,7 @@ class CacheDataset(IterableDataset):
             done.pop(first)
             consumed.pop(first, None)
             first += 1
-        return _state(states[0]["settings"], windows, [0, 1], first, done, consumed)
+        return _state(states[0]["settings"], windows, [0, 1], first, done, consumed, items=items)
 
 
 # ---------------------------------------------------------------------- helpers
@@ -505,15 +565,29 @@ def _to_ranges(values: set[int]) -> list[list[int]]:
     return ranges
 
 
+def round_robin(streams: Iterable[Iterator[Any]]) -> Iterator[Any]:
+    """One item of each stream in turn, leaving out a stream once it is exhausted."""
+    turns = deque(streams)
+    while turns:
+        stream = turns.popleft()
+        for item in stream:
+            yield item
+            turns.append(stream)
+            break
+
+
 def _state(settings: dict[str, Any], windows: int, coverage: list[int], first: int,
-           done: dict[int, set[int]], consumed: dict[int, dict[int, int]]) -> dict[str, Any]:
+           done: dict[int, set[int]], consumed: dict[int, dict[int, int]], *,
+           items: dict[str, Any]) -> dict[str, Any]:
     epochs = sorted(e for e in set(done) | set(consumed) if e >= first)
     open_epochs = {str(e): {"done": _to_ranges(done.get(e, set())),  # [start, stop) ranges
                             "consumed": {str(g): n for g, n in sorted(consumed.get(e, {}).items())}}
                    for e in epochs}
     # coverage [rank, world]: the progress is that of the windows g with g % world == rank
     return {"format": _STATE_FORMAT, "settings": dict(settings), "windows_per_epoch": windows,
-            "coverage": list(coverage), "first_open_epoch": first, "open_epochs": open_epochs}
+            "coverage": list(coverage), "first_open_epoch": first, "open_epochs": open_epochs,
+            # items observed per rank, counted for this world size: whose lane's turn is next
+            "items": items}
 
 
 def _progress(state: dict[str, Any]) -> tuple[int, dict[int, set[int]], dict[int, dict[int, int]]]:

@@ -148,7 +148,8 @@ def _train(cfg: JobConfig, *, ranks: Ranks, resume: bool, progress: bool) -> Tra
                            split="train", held_out_fraction=cfg.eval.held_out_fraction,
                            languages=train.languages, lang_alpha=train.lang_alpha,
                            rank=ranks.rank, world_size=ranks.world_size,
-                           verify=train.on_corrupt_shard == "stop", skip_shards=skipped)
+                           verify=train.on_corrupt_shard == "stop", skip_shards=skipped, lanes=train.lanes)
+    dataset.lanes_for(train.num_workers)  # refuses lanes the workers cannot share, before any work
     store = CheckpointStore(output)
     summary = TrainSummary(output=str(output), world_size=ranks.world_size, rank=ranks.rank,
                            skipped_shards=skipped)

@@ -178,6 +178,99 @@ def test_merged_rank_states_resume_on_one_rank(cache):
     assert len(taken) == len(full) and set(taken) == full
 
 
+def endless(cache, **kwargs):
+    return CacheDataset(cache, seed=3, shuffle_buffer=20, epochs=None, **kwargs)
+
+
+def take(ds, count, *, workers, observe=False):
+    """The first ``count`` (cursor, record_id) of ``ds`` through a DataLoader of ``workers``."""
+    taken = []
+    for rec in itertools.islice(DataLoader(ds, batch_size=None, num_workers=workers), count):
+        if observe:
+            ds.observe([rec.cursor])
+        taken.append((rec.cursor, rec.record_id))
+    return taken
+
+
+@pytest.mark.filterwarnings("ignore:This DataLoader will create")
+def test_with_fixed_lanes_the_order_is_the_same_for_any_worker_count(cache):
+    assert CacheDataset(cache, seed=3, shuffle_buffer=20)._num_windows >= 8
+    count = 2 * len(stream(CacheDataset(cache, seed=3, shuffle_buffer=20)))  # into the third epoch
+    orders = {workers: take(endless(cache, lanes=4), count, workers=workers) for workers in (0, 1, 2, 4)}
+    assert orders[0] == orders[1] == orders[2] == orders[4]
+    # the lanes take turns: consecutive records come from different windows
+    assert len({cursor[1] for cursor, _ in orders[0][:4]}) == 4
+    # without lanes each worker count has its own order (a lane per worker), same records
+    assert take(endless(cache), count, workers=2) != take(endless(cache), count, workers=4)
+
+
+@pytest.mark.filterwarnings("ignore:This DataLoader will create")
+@pytest.mark.parametrize(("lanes", "before", "after"), [(None, 2, 2), (None, 3, 3), (4, 2, 4), (4, 4, 0)])
+def test_a_resumed_stream_goes_on_in_the_same_order(cache, lanes, before, after):
+    straight = take(endless(cache, lanes=lanes), 300, workers=before)
+    ds = endless(cache, lanes=lanes)
+    first = take(ds, 117, workers=before, observe=True)
+    state = json.loads(json.dumps(ds.state_dict()))
+    assert state["items"] == {"world_size": 1, "ranks": {"0": 117}}
+    again = endless(cache, lanes=lanes)
+    again.load_state_dict(state)
+    assert first + take(again, 300 - 117, workers=after) == straight
+
+
+@pytest.mark.filterwarnings("ignore:This DataLoader will create")
+def test_packed_batches_take_the_lanes_in_turn_and_resume_in_order(cache):
+    from logitcache.pipeline.collate import PackedBatches, TokenPacker
+
+    reader = CacheReader(cache)
+    longest = max(int(np.diff(reader.read_shard(s).token_offsets).max()) for s in reader.shards)
+    packer = TokenPacker(reader.manifest.layout, rows=2, length=longest + 3)
+
+    def batches(ds, count, *, workers, observe=False):
+        got = []
+        loader = DataLoader(PackedBatches(ds, packer), batch_size=None, num_workers=workers)
+        for batch in itertools.islice(loader, count):
+            if observe:
+                ds.observe(batch.cursors)
+            got.append(batch.record_ids.tolist())
+        return got
+
+    straight = batches(endless(cache, lanes=4), 120, workers=0)
+    assert batches(endless(cache, lanes=4), 120, workers=2) == straight
+    assert batches(endless(cache, lanes=4), 120, workers=4) == straight
+    ds = endless(cache, lanes=4)
+    first = batches(ds, 41, workers=2, observe=True)
+    again = endless(cache, lanes=4)
+    again.load_state_dict(ds.state_dict())
+    assert first + batches(again, 120 - 41, workers=4) == straight
+
+
+def test_lanes_the_workers_cannot_share_are_refused(cache):
+    ds = endless(cache, lanes=4)
+    assert ds.lanes_for(0) == ds.lanes_for(2) == 4
+    assert ds.lanes_for(8) == 4  # more workers than lanes: the extra ones idle
+    with pytest.raises(ConfigError, match="4 reading lanes cannot be shared evenly by 3 DataLoader workers"):
+        ds.lanes_for(3)
+    with pytest.raises(ConfigError, match="lanes must be an int >= 1"):
+        endless(cache, lanes=0)
+
+
+def test_the_turn_survives_merged_rank_states_of_the_same_world_size(cache):
+    states = []
+    for rank in (0, 1):
+        ds = endless(cache, rank=rank, world_size=2)
+        take(ds, 10 + rank, workers=0, observe=True)
+        states.append(ds.state_dict())
+    merged = CacheDataset.merge_states(states)
+    assert merged["items"] == {"world_size": 2, "ranks": {"0": 10, "1": 11}}
+    for rank in (0, 1):
+        resumed = endless(cache, rank=rank, world_size=2)
+        resumed.load_state_dict(merged)
+        assert resumed._items == 10 + rank
+    alone = endless(cache)
+    alone.load_state_dict(merged)  # another world size regroups the windows: no turn to keep
+    assert alone._items == 0
+
+
 def test_state_of_another_order_is_refused(cache, tmp_path):
     state = CacheDataset(cache, seed=3).state_dict()
     with pytest.raises(ConfigError, match="seed: state 3, dataset 4"):

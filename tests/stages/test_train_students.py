@@ -93,13 +93,20 @@ def final_weights(output: Path, name: str) -> dict[str, torch.Tensor]:
     return load_file(output / name / "final" / "model.safetensors")
 
 
-def test_an_interrupted_run_resumes_exactly(tmp_path, topk_cache, corpus_dir, tiny_causal_lm_dir, monkeypatch):
-    straight = config_from_dict(job_data(topk_cache, corpus_dir, tiny_causal_lm_dir, tmp_path / "a",
-                                         train={"save_every": 3}))
+@pytest.mark.filterwarnings("ignore:This DataLoader will create")
+@pytest.mark.parametrize("workers", [0, 2])
+def test_an_interrupted_run_resumes_exactly(tmp_path, topk_cache, corpus_dir, tiny_causal_lm_dir, monkeypatch,
+                                            workers):
+    # with workers, the batches come from one lane per worker in turn; the resumed run must
+    # take up the turn where the checkpoint left it, not at the first worker again
+    train = {"save_every": 3, "num_workers": workers, "shuffle_buffer": 16}
+    straight = config_from_dict(job_data(topk_cache, corpus_dir, tiny_causal_lm_dir, tmp_path / "a", train=train))
+    from logitcache.pipeline.dataset import CacheDataset
+
+    assert CacheDataset(topk_cache, shuffle_buffer=16)._num_windows >= 2 * max(workers, 1)
     train_students(straight, progress=False)
 
-    resumed = config_from_dict(job_data(topk_cache, corpus_dir, tiny_causal_lm_dir, tmp_path / "b",
-                                        train={"save_every": 3}))
+    resumed = config_from_dict(job_data(topk_cache, corpus_dir, tiny_causal_lm_dir, tmp_path / "b", train=train))
     from logitcache.pipeline import training
 
     calls = {"n": 0}
@@ -107,7 +114,7 @@ def test_an_interrupted_run_resumes_exactly(tmp_path, topk_cache, corpus_dir, ti
 
     def dying(self, batch):
         calls["n"] += 1
-        if calls["n"] == 15:  # the 8th batch: checkpoints were saved after batches 3 and 6
+        if calls["n"] == 11:  # the 6th batch: a checkpoint was saved after batch 3 (an odd turn)
             raise KeyboardInterrupt
         return original(self, batch)
 
@@ -116,7 +123,7 @@ def test_an_interrupted_run_resumes_exactly(tmp_path, topk_cache, corpus_dir, ti
         train_students(resumed, progress=False)
     monkeypatch.setattr(training.StudentRun, "train_on", original)
     summary = train_students(resumed, progress=False)
-    assert summary.resumed_from == 6
+    assert summary.resumed_from == 3
     for name in ("fkl", "rkl"):
         a, b = final_weights(tmp_path / "a", name), final_weights(tmp_path / "b", name)
         assert a.keys() == b.keys()
