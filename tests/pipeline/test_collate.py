@@ -1,5 +1,6 @@
 """Packing records into fixed-shape batches: slots, targets, labels, order."""
 
+from dataclasses import fields
 from types import SimpleNamespace
 
 import numpy as np
@@ -99,13 +100,28 @@ def test_sequence_batches_pad_one_record_per_row():
     assert batch.tokens == 10
 
 
-def test_pad_sequences_and_pinning_roundtrip():
+def test_pad_sequences_and_moving_a_batch():
     ids, mask = pad_sequences([[1, 2], [3]], pad_id=9)
     assert ids.tolist() == [[1, 2], [3, 9]] and mask.tolist() == [[1, 1], [1, 0]]
     layout = make_layout("token_topk", k=3, vocab_size=50)
     batch = TokenPacker(layout, rows=1, length=6).collate([record(0, 4)])
     moved = batch.to("cpu")
     assert torch.equal(moved.input_ids, batch.input_ids) and moved.record_ids is batch.record_ids
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (pinned memory needs an accelerator)")
+def test_pinned_batches_keep_their_values_and_move_without_blocking():
+    layout = make_layout("token_topk", k=3, vocab_size=50)
+    batch = TokenPacker(layout, rows=2, length=6, decode=False).collate([record(0, 4), record(1, 5)])
+    pinned = batch.pin_memory()
+    tensors = [f.name for f in fields(batch) if isinstance(getattr(batch, f.name), torch.Tensor)]
+    assert all(getattr(pinned, name).is_pinned() for name in tensors)
+    assert all(torch.equal(getattr(pinned, name), getattr(batch, name)) for name in tensors)
+    on_gpu = pinned.to("cuda", non_blocking=True).decoded()
+    torch.cuda.synchronize()
+    want = batch.decoded()
+    assert torch.equal(on_gpu.topk_ids.cpu(), want.topk_ids)
+    assert torch.equal(on_gpu.topk_logprobs.cpu(), want.topk_logprobs)
 
 
 @pytest.mark.parametrize("value_codec", ["q8", "float16", "float32"])

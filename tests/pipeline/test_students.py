@@ -58,6 +58,26 @@ def test_packed_rows_give_each_record_the_hidden_states_it_has_alone(tokenizer_i
             start += n
 
 
+def test_students_run_in_full_precision_on_the_cpu(tokenizer_info):
+    student = build_student(student_cfg(), manifest=manifest_for(tokenizer_info), device=torch.device("cpu"), seed=0)
+    ids = torch.arange(6)[None] + 4
+    with student.autocast():
+        assert not torch.is_autocast_enabled("cpu")
+        hidden = student.hidden_states(ids, torch.arange(6)[None])
+    assert hidden.dtype == torch.float32
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_students_autocast_to_bf16_on_a_gpu(tokenizer_info):
+    student = build_student(student_cfg(), manifest=manifest_for(tokenizer_info), device=torch.device("cuda"), seed=0)
+    ids = (torch.arange(6)[None] + 4).cuda()
+    with student.autocast():
+        assert torch.is_autocast_enabled("cuda")
+        hidden = student.hidden_states(ids, torch.arange(6)[None].cuda())
+    assert bool(torch.isfinite(hidden).all())
+    assert next(student.model.parameters()).dtype == torch.float32  # weights stay float32
+
+
 def test_seeded_init_is_reproducible_and_differs_between_students(tokenizer_info):
     manifest = manifest_for(tokenizer_info)
     a = build_student(student_cfg("a"), manifest=manifest, device=torch.device("cpu"), seed=3)

@@ -1,6 +1,7 @@
 """Stage two end to end: tiny caches built by stage one, tiny students trained from them."""
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -51,9 +52,13 @@ def topk_cache(tmp_path_factory, corpus_dir, tiny_causal_lm_dir):
     return root / "cache"
 
 
-def test_many_students_train_in_one_pass_and_are_evaluated(tmp_path, topk_cache, corpus_dir, tiny_causal_lm_dir):
+def test_many_students_train_in_one_pass_and_are_evaluated(tmp_path, topk_cache, corpus_dir, tiny_causal_lm_dir,
+                                                          capsys):
     cfg = config_from_dict(job_data(topk_cache, corpus_dir, tiny_causal_lm_dir, tmp_path / "out"))
-    summary = train_students(cfg, progress=False)
+    summary = train_students(cfg, progress=True)
+    bars = capsys.readouterr().err
+    for name in ("fkl", "rkl"):  # a progress bar per student, run to its last step
+        assert re.search(rf"{name}: 100%.*\b8/8\b", bars), bars[-2000:]
     out = tmp_path / "out"
     assert summary.students["fkl"]["steps"] == 8 and summary.students["rkl"]["steps"] == 8
     # rkl accumulates 2 batches per step, so it read twice the tokens fkl read
