@@ -324,14 +324,14 @@ def _record_rows_view(arr: pa.Array, name: str, dtype: np.dtype, k: int, label_o
     row_bytes = k * dtype.itemsize
     offsets_buffer, data = arr.buffers()[1], arr.buffers()[2]
     offsets = np.frombuffer(offsets_buffer, dtype="<i8", count=len(arr) + 1, offset=arr.offset * 8)
-    need = np.diff(np.asarray(label_offsets, dtype=np.int64)) * row_bytes
-    have = np.diff(offsets)
-    if len(have) != len(need) or not np.array_equal(have, need):
-        bad = int(np.flatnonzero(have != need)[0]) if len(have) == len(need) else 0
+    need = np.diff(np.asarray(label_offsets, dtype=np.int64)) * row_bytes  # the same table's records
+    wrong = np.flatnonzero(np.diff(offsets) != need)
+    if wrong.size:
+        bad = int(wrong[0])
         raise CacheFormatError(
-            f"{name} of record {bad} holds {int(have[bad]) if len(have) else 0} bytes, but its "
-            f"{int(need[bad] // row_bytes) if len(need) else 0} labelled positions need "
-            f"{int(need[bad]) if len(need) else 0} ({k} x {dtype.name} per position)"
+            f"{name} of record {bad} holds {int(offsets[bad + 1] - offsets[bad])} bytes, but its "
+            f"{int(need[bad] // row_bytes)} labelled positions need {int(need[bad])} "
+            f"({k} x {dtype.name} per position)"
         )
     positions = int(need.sum()) // row_bytes
     if positions == 0:

@@ -189,7 +189,7 @@ def _check_structure(location: CacheLocation, backend, manifest: Manifest, entry
         expected = layout.arrow_schema(
             position_rows=position_row_columns(layout, str(manifest.storage.get("compression", "zstd"))))
         # shards of formats 1 and 2 (kept when a build added newer shards to the cache) are still read
-        older = (layout.arrow_schema(position_rows=layout.topk_dtypes if layout.has_topk else ()),
+        older = (layout.arrow_schema(position_rows=layout.topk_dtypes),
                  layout.arrow_schema(format_1=True))
         if not any(schema.equals(form, check_metadata=False) for form in (expected, *older)):
             problems.append(f"schema differs from the layout's: {_schema_diff(schema, expected)}")

@@ -45,7 +45,7 @@ def format_1_table(block: RecordBlock, layout: RecordLayout) -> pa.Table:
 
 def format_2_table(block: RecordBlock, layout: RecordLayout) -> pa.Table:
     """``block`` as a format 2 Parquet shard held it: every top-k column a row per position."""
-    return block_to_table(block, layout, position_rows=layout.topk_dtypes if layout.has_topk else ())
+    return block_to_table(block, layout, position_rows=layout.topk_dtypes)
 
 
 def rewrite_in_format(cache: Path, layout: RecordLayout, blocks: list[RecordBlock], major: int) -> None:
