@@ -358,7 +358,11 @@ class StudentConfig(_Section):
     text_column: str | None = None
     loss: LossConfig = field(default_factory=LossConfig)  # Distillation loss.
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)  # Optimizer and schedule.
-    grad_accum: int = _field(1, ge=1)  # Batches accumulated per optimizer step.
+    # Tokens per batch of this student: each shared batch (train.batch_tokens, read once for all
+    # students) is cut into row pieces of about this many tokens, one micro-batch each; null takes
+    # the shared batch whole. At most train.batch_tokens.
+    batch_tokens: int | None = _field(None, ge=1)
+    grad_accum: int = _field(1, ge=1)  # Micro-batches accumulated per optimizer step.
 
     def _validate(self) -> None:
         if not _STUDENT_NAME.fullmatch(self.name):
@@ -457,6 +461,11 @@ class JobConfig(_Section):
             if student.name in seen:
                 raise ConfigError(f"{self._where('students')}[{index}].name: duplicate student name {student.name!r}; names must be unique")
             seen.add(student.name)
+            if student.batch_tokens is not None and student.batch_tokens > self.train.batch_tokens:
+                raise ConfigError(
+                    f"{self._where('students')}[{index}].batch_tokens: {student.batch_tokens} is more than "
+                    f"train.batch_tokens ({self.train.batch_tokens}); a student's batches are pieces of the "
+                    "shared batch, so for bigger steps raise its grad_accum (or train.batch_tokens)")
         if self.demo_teacher is not None and self.teacher is not None and self.teacher.model != self.demo_teacher.output:
             raise ConfigError(
                 f"{self._where('teacher.model')}: with demo_teacher, must be demo_teacher.output "

@@ -107,6 +107,14 @@ class TokenBatch(_Movable):
         segment = self.segment[self.label_mask].cpu().numpy()
         return np.asarray(self.langs, dtype=object)[segment]
 
+    def row_slice(self, start: int, stop: int) -> TokenBatch:
+        """Rows ``start:stop`` as a batch of their own (views, on the batch's device). Records
+        and cursors stay whole, since ``segment`` indexes them; ``tokens`` counts the rows'."""
+        rows = slice(start, stop)
+        values = {name: None if getattr(self, name) is None else getattr(self, name)[rows]
+                  for name in _TOKEN_ROW_TENSORS}
+        return replace(self, **values, tokens=int((self.segment[rows] >= 0).sum()))
+
 
 @dataclass(kw_only=True)
 class SequenceBatch(_Movable):
@@ -124,6 +132,33 @@ class SequenceBatch(_Movable):
     def decoded(self) -> SequenceBatch:
         """Itself: class log-probabilities are packed as float32 (they are few)."""
         return self
+
+    def row_slice(self, start: int, stop: int) -> SequenceBatch:
+        """Records ``start:stop`` as a batch of their own (views, on the batch's device)."""
+        rows = slice(start, stop)
+        mask = self.attention_mask[rows]
+        return replace(self, input_ids=self.input_ids[rows], attention_mask=mask,
+                       class_logprobs=self.class_logprobs[rows], labels=self.labels[rows],
+                       record_ids=self.record_ids[rows], langs=self.langs[rows], cursors=self.cursors[rows],
+                       tokens=int(mask.sum()))
+
+
+_TOKEN_ROW_TENSORS = ("input_ids", "position_ids", "segment", "label_mask", "hard_targets", "topk_ids",
+                      "topk_logprobs", "sample_ids", "sample_counts")
+
+
+def row_pieces(batch: TokenBatch | SequenceBatch | None, *, rows: int,
+               piece_rows: int) -> list[TokenBatch | SequenceBatch | None]:
+    """A batch of (at most) ``rows`` rows cut into ``ceil(rows / piece_rows)`` pieces of
+    ``piece_rows`` rows, in order; a piece past the batch's last row (a short batch, or no
+    batch at all) is None. The count depends on ``rows`` only, so ranks whose batches differ
+    in size still take the same number of pieces."""
+    count = -(-rows // piece_rows)
+    if batch is None:
+        return [None] * count
+    have = int(batch.input_ids.shape[0])
+    return [batch.row_slice(i * piece_rows, min(have, (i + 1) * piece_rows)) if i * piece_rows < have else None
+            for i in range(count)]
 
 
 def rows_for(batch_tokens: int, length: int) -> int:

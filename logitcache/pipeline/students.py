@@ -250,4 +250,13 @@ def config_digest(cfg: StudentConfig) -> str:
     """A digest of everything that defines a student's training, to refuse resuming another one."""
     from logitcache.config import config_to_dict
 
-    return hashlib.sha256(json.dumps(config_to_dict(cfg), sort_keys=True, default=str).encode()).hexdigest()[:16]
+    settings = config_to_dict(cfg)
+    for name in _ADDED_SETTINGS:
+        if settings.get(name) is None:
+            settings.pop(name, None)
+    return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+#: Student settings added after checkpoints existed; left out of the digest while unset, so that
+#: those checkpoints still resume.
+_ADDED_SETTINGS = ("batch_tokens",)

@@ -2,8 +2,9 @@
 
 Stage two feeds every batch it reads to every student; each student keeps its own
 :class:`StudentRun`: AdamW, a learning-rate schedule (linear warmup, then cosine or linear
-decay to 10% of the peak, or constant), gradient accumulation over ``grad_accum``
-batches, and counters. A run's whole state (model aside, which is saved with
+decay to 10% of the peak, or constant), its own batch size (the shared batch whole, or cut
+into row pieces of the student's ``batch_tokens``, each a micro-batch), gradient
+accumulation over ``grad_accum`` micro-batches, and counters. A run's whole state (model aside, which is saved with
 ``save_pretrained``) round-trips through :meth:`StudentRun.state_dict`, including gradients
 accumulated from a batch in the middle of an accumulation, so a resumed run takes exactly
 the steps an uninterrupted one would.
@@ -21,6 +22,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -29,7 +31,7 @@ import torch
 from torch import Tensor
 
 from logitcache.config import OptimizerConfig
-from logitcache.pipeline.collate import SequenceBatch, TokenBatch, pad_sequences
+from logitcache.pipeline.collate import SequenceBatch, TokenBatch, pad_sequences, row_pieces
 from logitcache.pipeline.distributed import Ranks
 from logitcache.pipeline.losses import (
     LossOutput,
@@ -159,6 +161,8 @@ class StudentRun:
     total_steps: int
     texts: StudentTexts | None = None
     ranks: Ranks | None = None  # None: a single process
+    shared_rows: int = 0  # rows of a shared batch (train.batch_tokens)
+    piece_rows: int | None = None  # rows of this student's micro-batches (its batch_tokens); None: whole
     step: int = 0  # optimizer steps taken
     micro: int = 0  # batches accumulated since the last step
     tokens: int = 0  # tokens read by this student (all ranks) up to the last step
@@ -171,16 +175,32 @@ class StudentRun:
 
     @classmethod
     def create(cls, student: Student, *, total_steps: int, texts: StudentTexts | None = None,
-               ranks: Ranks | None = None) -> StudentRun:
+               ranks: Ranks | None = None, shared_rows: int = 0, piece_rows: int | None = None) -> StudentRun:
         optimizer = make_optimizer(student.model, student.cfg.optimizer)
         scheduler = torch.optim.lr_scheduler.LambdaLR(
             optimizer, lambda s: lr_factor(s, cfg=student.cfg.optimizer, total_steps=total_steps))
         return cls(student=student, optimizer=optimizer, scheduler=scheduler, total_steps=total_steps, texts=texts,
-                   ranks=ranks)
+                   ranks=ranks, shared_rows=shared_rows, piece_rows=piece_rows)
 
     @property
     def done(self) -> bool:
         return self.step >= self.total_steps
+
+    def train_on_shared(self, batch: TokenBatch | SequenceBatch | None) -> Iterator[dict[str, float]]:
+        """Train on one shared batch, whole or cut into this student's micro-batches of
+        ``piece_rows`` rows, each a :meth:`train_on`; yields the log row of each optimizer step
+        as it is taken (so the caller may evaluate the model between micro-batches). The
+        pieces past the run's last step are left untrained."""
+        if self.piece_rows is None or self.piece_rows >= self.shared_rows:
+            pieces = [batch]
+        else:
+            pieces = row_pieces(batch, rows=self.shared_rows, piece_rows=self.piece_rows)
+        for piece in pieces:
+            if self.done:
+                return
+            row = self.train_on(piece)
+            if row is not None:
+                yield row
 
     def train_on(self, batch: TokenBatch | SequenceBatch | None) -> dict[str, float] | None:
         """Forward and backward on one batch; returns the step's log row when an optimizer step

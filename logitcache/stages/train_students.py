@@ -9,7 +9,8 @@ The recipe, top to bottom:
 3. stream the cache's training split (everything but the held-out records) through a
    ``CacheDataset`` in a DataLoader; each batch is decoded once, moved to the device once
    and fed to every student still training; every student has its own optimizer, schedule,
-   gradient accumulation and JSONL log (``<output>/<student>/metrics.jsonl``);
+   batch size (the shared batch whole, or cut into pieces of its ``batch_tokens``), gradient
+   accumulation and JSONL log (``<output>/<student>/metrics.jsonl``);
 4. every ``save_every`` batches (and at the end) save a checkpoint of all students and the
    reader's position; a later run with the same config resumes from the newest one exactly;
 5. evaluate on the held-out split every ``eval_every`` steps and at the end, save each
@@ -139,7 +140,11 @@ def _train(cfg: JobConfig, *, ranks: Ranks, resume: bool, progress: bool) -> Tra
     if ranks.distributed:
         torch.manual_seed(rank_seed(train.seed, ranks.rank))
     texts = {s.name: own_texts(cfg, s) for s in students if s.reads_text}
-    runs = {s.name: StudentRun.create(s, total_steps=train.steps, texts=texts.get(s.name), ranks=ranks)
+    length = _batch_length(cfg, manifest)
+    shared_rows = rows_for(train.batch_tokens, length)
+    runs = {s.name: StudentRun.create(s, total_steps=train.steps, texts=texts.get(s.name), ranks=ranks,
+                                      shared_rows=shared_rows,
+                                      piece_rows=None if s.cfg.batch_tokens is None else rows_for(s.cfg.batch_tokens, length))
             for s in students}
     digests = {s.name: config_digest(s.cfg) for s in students}
 
@@ -172,7 +177,8 @@ def _train(cfg: JobConfig, *, ranks: Ranks, resume: bool, progress: bool) -> Tra
         raise StudentError("the training split of the cache is empty (every record is held out or filtered "
                            "out by train.languages); lower eval.held_out_fraction or widen the filter")
     loader = torch.utils.data.DataLoader(
-        PackedBatches(dataset, _packer(cfg, manifest, students, device=device)), batch_size=None,
+        PackedBatches(dataset, _packer(cfg, manifest, students, device=device, rows=shared_rows, length=length)),
+        batch_size=None,
         num_workers=train.num_workers, pin_memory=device.type == "cuda",
         persistent_workers=train.num_workers > 0)
     if resume and ranks.is_main:  # what a killed run logged past its checkpoint is logged again below
@@ -216,15 +222,15 @@ def _train(cfg: JobConfig, *, ranks: Ranks, resume: bool, progress: bool) -> Tra
             for name, run in runs.items():
                 if run.done:
                     continue
-                row = run.train_on(batch)
-                if row is None or not ranks.is_main:
-                    continue
-                _log(logs[name], row)
-                bars[name].update(1)
-                bars[name].set_postfix_str(f"loss {row['loss']:.4f}" if "loss" in row else "")
-                if train.eval_every and run.step % train.eval_every == 0 and not run.done:
-                    _evaluate_into(cfg, {name: run.student}, logs, steps={name: run.step}, texts=texts,
-                                   skipped=skipped)
+                for row in run.train_on_shared(batch):
+                    if not ranks.is_main:
+                        continue
+                    _log(logs[name], row)
+                    bars[name].update(1)
+                    bars[name].set_postfix_str(f"loss {row['loss']:.4f}" if "loss" in row else "")
+                    if train.eval_every and row["step"] % train.eval_every == 0 and row["step"] < train.steps:
+                        _evaluate_into(cfg, {name: run.student}, logs, steps={name: row["step"]}, texts=texts,
+                                       skipped=skipped)
             if train.save_every and batches % train.save_every == 0:
                 save()
             if all(run.done for run in runs.values()):
@@ -278,11 +284,14 @@ def own_texts(cfg: JobConfig, student: Student) -> StudentTexts:
                                        for key, ids in zip(keys, encoded, strict=True)})
 
 
-def _packer(cfg: JobConfig, manifest, students: list[Student], *,
-            device: torch.device) -> TokenPacker | SequencePacker:
+def _batch_length(cfg: JobConfig, manifest) -> int:
+    """Slots per row of a packed batch: the cache's window length."""
+    return int(manifest.windows.get("max_length") or cfg.windows.max_length)
+
+
+def _packer(cfg: JobConfig, manifest, students: list[Student], *, device: torch.device, rows: int,
+            length: int) -> TokenPacker | SequencePacker:
     layout = manifest.layout
-    length = int(manifest.windows.get("max_length") or cfg.windows.max_length)
-    rows = rows_for(cfg.train.batch_tokens, length)
     pad_id = shared_pad_id(students)
     if layout.is_token_level:
         # top-k leave the workers in their stored types, a quarter of the bytes at k = 64, and

@@ -7,7 +7,13 @@ import numpy as np
 import pytest
 import torch
 
-from logitcache.pipeline.collate import IGNORE_INDEX, SequencePacker, TokenPacker, pad_sequences
+from logitcache.pipeline.collate import (
+    IGNORE_INDEX,
+    SequencePacker,
+    TokenPacker,
+    pad_sequences,
+    row_pieces,
+)
 from logitcache.storage_schemas.value_codecs import get_value_codec
 from tests.factories import make_layout
 
@@ -98,6 +104,49 @@ def test_sequence_batches_pad_one_record_per_row():
     assert batch.attention_mask.sum(1).tolist() == [3, 5, 2]
     assert batch.labels.tolist() == [-1, 0, 1]
     assert batch.tokens == 10
+
+
+def test_row_pieces_of_a_packed_batch_are_the_batches_a_smaller_packer_makes():
+    # packing is greedy in stream order, so the pieces of a 4-row batch are 2-row batches
+    layout = make_layout("token_topk_sampled", k=3, vocab_size=50, samples=4)
+    rng = np.random.default_rng(0)
+    records = [record(i, int(rng.integers(2, 9)), context=int(i % 3 == 0), samples=4) for i in range(40)]
+    big = next(iter(TokenPacker(layout, rows=4, length=10).pack(records)))
+    small = list(TokenPacker(layout, rows=2, length=10).pack(records))[:2]
+    pieces = row_pieces(big, rows=4, piece_rows=2)
+    assert len(pieces) == 2
+    for piece, expected in zip(pieces, small, strict=True):
+        for name in ("input_ids", "position_ids", "label_mask", "hard_targets", "topk_ids", "topk_logprobs",
+                     "sample_ids", "sample_counts"):
+            assert torch.equal(getattr(piece, name), getattr(expected, name)), name
+        assert piece.tokens == expected.tokens
+        # records stay whole (segment indexes them): the languages of the piece's positions hold
+        assert piece.position_langs().tolist() == expected.position_langs().tolist()
+    assert pieces[0].input_ids.data_ptr() == big.input_ids.data_ptr()  # a view, no copy
+    assert sum(p.tokens for p in pieces) == big.tokens
+
+
+def test_row_pieces_past_a_short_batch_are_none_and_their_count_follows_the_rows():
+    layout = make_layout("token_topk", k=3, vocab_size=50)
+    short = TokenPacker(layout, rows=5, length=6).collate([record(0, 5), record(1, 4), record(2, 6)])
+    short = short.row_slice(0, 3)  # the last batch of a stream: 3 of 5 rows
+    pieces = row_pieces(short, rows=5, piece_rows=2)
+    assert [None if p is None else p.input_ids.shape[0] for p in pieces] == [2, 1, None]
+    assert [p.tokens for p in pieces[:2]] == [9, 6]
+    assert row_pieces(None, rows=5, piece_rows=2) == [None, None, None]  # a dry rank keeps in step
+
+
+def test_row_pieces_of_a_sequence_batch_keep_their_records():
+    layout = make_layout("sequence_probs", num_classes=3, vocab_size=50)
+    records = [SimpleNamespace(record_id=i, lang=["en", "de"][i % 2], cursor=(0, 0, i, 3),
+                               input_ids=np.arange(n) + 1, class_logprobs=np.log(np.full(3, 1 / 3, dtype=np.float32)),
+                               label=i % 3) for i, n in enumerate([3, 5, 2])]
+    (batch,) = list(SequencePacker(layout, rows=3, pad_id=0).pack(records))
+    first, second = row_pieces(batch, rows=3, piece_rows=2)
+    assert first.record_ids.tolist() == [0, 1] and second.record_ids.tolist() == [2]
+    assert first.langs == ["en", "de"] and second.labels.tolist() == [2]
+    assert (first.tokens, second.tokens) == (8, 2)
+    assert torch.equal(second.class_logprobs, batch.class_logprobs[2:])
 
 
 def test_pad_sequences_and_moving_a_batch():

@@ -132,3 +132,19 @@ def test_classifier_students_check_classes_and_text_columns(tokenizer_info):
     with pytest.raises(StudentError, match="only classification caches"):
         build_student(dataclasses.replace(student_cfg(), text_column="text_de"),
                       manifest=manifest_for(tokenizer_info), device=torch.device("cpu"), seed=0)
+
+
+def test_the_config_digest_tells_students_apart_and_ignores_an_unset_batch_size():
+    import hashlib
+    import json
+
+    from logitcache.config import config_to_dict
+    from logitcache.pipeline.students import config_digest
+
+    base = StudentConfig(name="s", model=StudentModelConfig(config={"model_type": "llama"}))
+    # what checkpoints written before students had batch_tokens hold: the digest of the rest
+    older = {k: v for k, v in config_to_dict(base).items() if k != "batch_tokens"}
+    assert config_digest(base) == hashlib.sha256(json.dumps(older, sort_keys=True).encode()).hexdigest()[:16]
+    digests = {config_digest(base), config_digest(dataclasses.replace(base, batch_tokens=512)),
+               config_digest(dataclasses.replace(base, grad_accum=2))}
+    assert len(digests) == 3

@@ -208,6 +208,8 @@ def test_a_crashed_run_resumes_exactly_under_torchrun_and_alone(tmp_path, straig
 def test_a_rank_with_nothing_to_read_adds_nothing_and_stalls_nobody(tmp_path, job):
     # one shuffle window for the whole cache: rank 1 has nothing to read, ever
     data = job(tmp_path / "ddp", shuffle_buffer=100_000, save_every=0, steps=4)
+    # and a student of micro-batches (3 per step, 2 per shared batch): its empty pieces keep in step
+    data["students"].append(dict(data["students"][0], name="pieces", batch_tokens=96, grad_accum=3))
     torchrun("-m", "logitcache", "train", str(write_job(tmp_path / "job.yaml", data)), "--no-progress")
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as the ranks (OMP_NUM_THREADS=1): the same float reductions
@@ -216,6 +218,6 @@ def test_a_rank_with_nothing_to_read_adds_nothing_and_stalls_nobody(tmp_path, jo
                        progress=False)
     finally:
         torch.set_num_threads(threads)
-    for name in STUDENTS:
+    for name in (*STUDENTS, "pieces"):
         a, b = final_weights(tmp_path / "ddp", name), final_weights(tmp_path / "alone", name)
         assert all(torch.equal(a[k], b[k]) for k in a), name

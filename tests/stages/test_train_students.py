@@ -135,6 +135,62 @@ def test_an_interrupted_run_resumes_exactly(tmp_path, topk_cache, corpus_dir, ti
         assert all(torch.equal(a[k], b[k]) for k in a), name
 
 
+def training_rows(output: Path, name: str) -> list[dict]:
+    rows = [json.loads(line) for line in (output / name / "metrics.jsonl").read_text().splitlines()]
+    return [{k: v for k, v in row.items() if k != "seconds"} for row in rows]
+
+
+def test_a_students_batches_are_pieces_of_the_shared_batch(tmp_path, topk_cache, corpus_dir, tiny_causal_lm_dir):
+    # shared batches of 192 tokens are 4 rows of 48; students of batch_tokens 96 take them as two
+    # micro-batches of 2 rows, which (packing is greedy, in stream order) are exactly the batches
+    # of a run whose shared batch is 96 tokens: the same steps, logs and weights, bit for bit
+    train = {"eval_every": 3}
+    pieces = job_data(topk_cache, corpus_dir, tiny_causal_lm_dir, tmp_path / "pieces", train=train)
+    pieces["students"] = [dict(s, batch_tokens=96) for s in pieces["students"]]
+    whole = job_data(topk_cache, corpus_dir, tiny_causal_lm_dir, tmp_path / "whole",
+                     train={**train, "batch_tokens": 96})
+    a = train_students(config_from_dict(pieces), progress=False)
+    b = train_students(config_from_dict(whole), progress=False)
+    assert (a.batches, b.batches) == (8, 16)  # rkl (2 micro-batches a step) needs 16 of 96 tokens
+    for name in ("fkl", "rkl"):
+        assert a.students[name]["steps"] == 8 and a.students[name]["tokens"] == b.students[name]["tokens"]
+        assert training_rows(tmp_path / "pieces", name) == training_rows(tmp_path / "whole", name)
+        x, y = final_weights(tmp_path / "pieces", name), final_weights(tmp_path / "whole", name)
+        assert all(torch.equal(x[k], y[k]) for k in x), name
+
+
+def test_a_run_killed_between_micro_batches_resumes_exactly(tmp_path, topk_cache, corpus_dir, tiny_causal_lm_dir,
+                                                            monkeypatch):
+    # micro-batches of 1 row, 4 per shared batch, 3 per step: steps end inside shared batches,
+    # and every checkpoint (after each shared batch) holds a part of a step
+    def job(output):
+        data = job_data(topk_cache, corpus_dir, tiny_causal_lm_dir, output, train={"save_every": 1, "steps": 6})
+        data["students"] = [dict(data["students"][0], batch_tokens=48, grad_accum=3)]
+        return config_from_dict(data)
+
+    train_students(job(tmp_path / "a"), progress=False)
+    from logitcache.pipeline import training
+
+    calls = {"n": 0}
+    original = training.StudentRun.train_on
+
+    def dying(self, batch):
+        calls["n"] += 1
+        if calls["n"] == 11:  # the third micro-batch of shared batch 3
+            raise KeyboardInterrupt
+        return original(self, batch)
+
+    monkeypatch.setattr(training.StudentRun, "train_on", dying)
+    with pytest.raises(KeyboardInterrupt):
+        train_students(job(tmp_path / "b"), progress=False)
+    monkeypatch.setattr(training.StudentRun, "train_on", original)
+    summary = train_students(job(tmp_path / "b"), progress=False)
+    assert summary.resumed_from == 2
+    assert training_rows(tmp_path / "a", "fkl") == training_rows(tmp_path / "b", "fkl")
+    a, b = final_weights(tmp_path / "a", "fkl"), final_weights(tmp_path / "b", "fkl")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
 def test_each_batch_is_read_once_for_all_students(tmp_path, topk_cache, corpus_dir, tiny_causal_lm_dir, monkeypatch):
     reads = {"n": 0}
     original = CacheReader.read_block
