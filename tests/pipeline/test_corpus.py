@@ -22,6 +22,7 @@ from logitcache.pipeline.corpus import (
     describe_corpus,
     iter_source_units,
     iter_work_units,
+    paired_texts,
     resolve_sources,
 )
 
@@ -413,3 +414,30 @@ def test_estimate_units_counts_rows_of_every_file_type(tmp_path):
     # 23 -> 3 units, 12 -> 2, 5 -> 1, 3 -> 1
     assert estimate_units(cfg) == 7
     assert estimate_units(CorpusConfig(name="some/dataset")) is None
+
+
+@pytest.mark.parametrize("id_column", ["id", None])
+def test_paired_texts_are_keyed_as_stage_one_keys_the_documents(tmp_path, id_column):
+    records = rows(7, labels=False)
+    for i, row in enumerate(records):
+        row["text_xx"] = f"translated {i}"
+    records[2]["text_xx"] = "  "  # blank: left out, as is a non-string
+    records[4]["text_xx"] = 5
+    pq.write_table(pa.Table.from_pylist(records[:3]), tmp_path / "a.parquet")
+    jsonl = write_jsonl(tmp_path / "b.jsonl", records[3:])
+    cfg = corpus([tmp_path / "a.parquet", jsonl], id_column=id_column)
+    keys = [doc.key for doc in documents(cfg)]  # what stage one stores with each record
+    paired = paired_texts(cfg, "text_xx", owner="students[x].text_column")
+    assert paired == {keys[i]: f"translated {i}" for i in (0, 1, 3, 5, 6)}
+
+
+def test_paired_texts_name_the_missing_column_and_refuse_plain_text(tmp_path):
+    path = write_jsonl(tmp_path / "a.jsonl", rows(3))
+    with pytest.raises(CorpusError) as caught:
+        paired_texts(corpus(path), "text_de", owner="students[x].text_column")
+    message = str(caught.value)
+    assert path in message and "'text_de'" in message and "students[x].text_column" in message
+    txt = tmp_path / "b.txt"
+    txt.write_text("one document\n", encoding="utf-8")
+    with pytest.raises(CorpusError, match="plain text file, which has no column 'text_de'"):
+        paired_texts(corpus(txt, lang_column=None, id_column=None), "text_de", owner="students[x].text_column")

@@ -321,6 +321,30 @@ def test_dense_distillation_loss_matches_sparse_with_full_vocabulary() -> None:
     assert torch.allclose(dense.total, sparse.total, rtol=1e-12) and dense.ce_positions == 6
 
 
+@pytest.mark.parametrize("kind", DIVERGENCES)
+@pytest.mark.parametrize("tail", TAILS)
+def test_chunked_loss_with_full_vocabulary_has_the_dense_values_and_gradients(kind: str, tail: str) -> None:
+    positions, hidden_size, vocab = 11, 6, 9
+    torch.manual_seed(4)
+    head = torch.nn.Linear(hidden_size, vocab, dtype=F64)
+    hidden = torch.randn(positions, hidden_size, dtype=F64, requires_grad=True)
+    logp = teacher_logprobs(positions, vocab, seed=5)
+    hard = torch.randint(0, vocab, (positions,))
+    hard[[0, 6]] = -100
+    cfg = LossConfig(kind=kind, tail=tail, temperature=2.0, alpha=0.7, beta=0.3, chunk_tokens=4)
+    params = [hidden, head.weight, head.bias]
+
+    chunked = distillation_loss(hidden, head, topk_targets(logp, vocab), hard, cfg=cfg)
+    chunked_grads = torch.autograd.grad(chunked.total, params)
+    dense = dense_distillation_loss(head(hidden), logp, hard, cfg=cfg)
+    dense_grads = torch.autograd.grad(dense.total, params)
+    for got, expected in ((chunked.total, dense.total), (chunked.kd, dense.kd), (chunked.ce, dense.ce)):
+        assert torch.allclose(got, expected, rtol=1e-10, atol=1e-12)
+    for got, expected in zip(chunked_grads, dense_grads, strict=True):
+        assert torch.allclose(got, expected, rtol=1e-9, atol=1e-12)
+    assert float(dense_grads[0].abs().max()) > 1e-3  # gradients that could differ
+
+
 def test_head_wider_than_vocabulary_is_sliced() -> None:
     positions, hidden_size, vocab, padded = 7, 4, 10, 16
     torch.manual_seed(3)
@@ -442,3 +466,16 @@ def test_sequence_loss_equals_dense_forms(kind: str) -> None:
     assert (out.kd_positions, out.ce_positions) == (6, 4)
     pure_ce = sequence_distillation_loss(z, logp, labels, cfg=LossConfig(kind=kind, alpha=0.0))
     assert torch.allclose(pure_ce.total, F.cross_entropy(z, labels, ignore_index=-1), rtol=1e-12)
+
+
+@pytest.mark.parametrize("kind", DIVERGENCES)
+def test_sequence_loss_gradients_equal_the_dense_forms(kind: str) -> None:
+    logp, z = teacher_logprobs(6, 4), student_logits(6, 4)
+    labels = torch.tensor([0, -1, 3, 2, -1, 1])
+    cfg = LossConfig(kind=kind, temperature=2.0, alpha=0.3, beta=0.6)
+    (got,) = torch.autograd.grad(sequence_distillation_loss(z, logp, labels, cfg=cfg).total, z)
+    kd = 4.0 * dense_divergence(z, logp, kind=kind, temperature=2.0, beta=0.6).mean()
+    ce = F.cross_entropy(z[labels >= 0], labels[labels >= 0])
+    (expected,) = torch.autograd.grad(0.3 * kd + 0.7 * ce, z)
+    assert torch.allclose(got, expected, rtol=1e-10, atol=1e-12)
+    assert float(expected.abs().max()) > 1e-3
