@@ -390,6 +390,8 @@ class TrainConfig(_Section):
     # Language sampling weights p ~ n**alpha; 1 samples by size, smaller values favour small languages.
     lang_alpha: float = _field(1.0, ge=0, le=1)
     device: str = "auto"  # Torch device; auto picks a GPU when there is one.
+    # Batches in page-locked host memory, copied to the GPU without blocking; null: on when training on a GPU (no use on the CPU).
+    pin_memory: bool | None = None
     # A shard whose bytes no longer match the manifest (changed, truncated, missing): stop the run, or skip it (warned, counted in the metrics).
     on_corrupt_shard: Literal["stop", "skip"] = "stop"
 

@@ -179,7 +179,7 @@ def _train(cfg: JobConfig, *, ranks: Ranks, resume: bool, progress: bool) -> Tra
     loader = torch.utils.data.DataLoader(
         PackedBatches(dataset, _packer(cfg, manifest, students, device=device, rows=shared_rows, length=length)),
         batch_size=None,
-        num_workers=train.num_workers, pin_memory=device.type == "cuda",
+        num_workers=train.num_workers, pin_memory=pins_memory(train.pin_memory, device),
         persistent_workers=train.num_workers > 0)
     if resume and ranks.is_main:  # what a killed run logged past its checkpoint is logged again below
         for name, run in runs.items():
@@ -270,6 +270,12 @@ def _train(cfg: JobConfig, *, ranks: Ranks, resume: bool, progress: bool) -> Tra
     summary.seconds = time.perf_counter() - started
     (output / "train_summary.json").write_text(json.dumps(summary.to_dict(), indent=2, default=str), encoding="utf-8")
     return summary
+
+
+def pins_memory(setting: bool | None, device: torch.device) -> bool:
+    """Whether the loader pins its batches: ``train.pin_memory``, or on a GPU by default; never
+    for a CPU trainer, which has no copy to speed up."""
+    return device.type == "cuda" and setting is not False
 
 
 def own_texts(cfg: JobConfig, student: Student) -> StudentTexts:

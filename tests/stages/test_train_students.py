@@ -286,3 +286,11 @@ def test_an_empty_training_split_is_an_error_not_a_hang(tmp_path, topk_cache, co
                     train={"languages": ["en"]}, eval={"held_out_fraction": 0.999})
     with pytest.raises(StudentError, match="held out|ran dry|empty"):
         train_students(config_from_dict(data), progress=False)
+
+
+def test_batches_are_pinned_on_a_gpu_unless_turned_off_and_never_on_the_cpu():
+    from logitcache.stages.train_students import pins_memory
+
+    gpu, cpu = torch.device("cuda", 0), torch.device("cpu")
+    assert pins_memory(None, gpu) and pins_memory(True, gpu) and not pins_memory(False, gpu)
+    assert not any(pins_memory(setting, cpu) for setting in (None, True, False))
