@@ -359,8 +359,8 @@ class StudentConfig(_Section):
     loss: LossConfig = field(default_factory=LossConfig)  # Distillation loss.
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)  # Optimizer and schedule.
     # Tokens per batch of this student: each shared batch (train.batch_tokens, read once for all
-    # students) is cut into row pieces of about this many tokens, one micro-batch each; null takes
-    # the shared batch whole. At most train.batch_tokens.
+    # students) is cut into equal row pieces of about this many tokens, one micro-batch each (also
+    # in evaluation); their rows must divide the shared batch's. null takes the shared batch whole.
     batch_tokens: int | None = _field(None, ge=1)
     grad_accum: int = _field(1, ge=1)  # Micro-batches accumulated per optimizer step.
 

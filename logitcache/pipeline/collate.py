@@ -88,6 +88,7 @@ class TokenBatch(_Movable):
     langs: list[str]  # [R]
     cursors: list[tuple[int, int, int, int]]  # the reader's resume cursors of the R records
     tokens: int  # real (non-padding) tokens
+    row_tokens: np.ndarray | None = None  # int64 [B]: real tokens per row (counted without the device)
     stored: StoredTopK | None = None  # set while the top-k are in the cache's stored types
 
     @property
@@ -113,7 +114,10 @@ class TokenBatch(_Movable):
         rows = slice(start, stop)
         values = {name: None if getattr(self, name) is None else getattr(self, name)[rows]
                   for name in _TOKEN_ROW_TENSORS}
-        return replace(self, **values, tokens=int((self.segment[rows] >= 0).sum()))
+        if self.row_tokens is None:
+            return replace(self, **values, tokens=int((self.segment[rows] >= 0).sum()))
+        row_tokens = self.row_tokens[rows]
+        return replace(self, **values, tokens=int(row_tokens.sum()), row_tokens=row_tokens)
 
 
 @dataclass(kw_only=True)
@@ -128,6 +132,7 @@ class SequenceBatch(_Movable):
     langs: list[str]
     cursors: list[tuple[int, int, int, int]]
     tokens: int
+    row_tokens: np.ndarray | None = None  # int64 [B]: tokens per record (counted without the device)
 
     def decoded(self) -> SequenceBatch:
         """Itself: class log-probabilities are packed as float32 (they are few)."""
@@ -137,10 +142,11 @@ class SequenceBatch(_Movable):
         """Records ``start:stop`` as a batch of their own (views, on the batch's device)."""
         rows = slice(start, stop)
         mask = self.attention_mask[rows]
+        row_tokens = None if self.row_tokens is None else self.row_tokens[rows]
         return replace(self, input_ids=self.input_ids[rows], attention_mask=mask,
                        class_logprobs=self.class_logprobs[rows], labels=self.labels[rows],
                        record_ids=self.record_ids[rows], langs=self.langs[rows], cursors=self.cursors[rows],
-                       tokens=int(mask.sum()))
+                       tokens=int(mask.sum() if row_tokens is None else row_tokens.sum()), row_tokens=row_tokens)
 
 
 _TOKEN_ROW_TENSORS = ("input_ids", "position_ids", "segment", "label_mask", "hard_targets", "topk_ids",
@@ -148,17 +154,21 @@ _TOKEN_ROW_TENSORS = ("input_ids", "position_ids", "segment", "label_mask", "har
 
 
 def row_pieces(batch: TokenBatch | SequenceBatch | None, *, rows: int,
-               piece_rows: int) -> list[TokenBatch | SequenceBatch | None]:
+               piece_rows: int | None) -> list[TokenBatch | SequenceBatch | None]:
     """A batch of (at most) ``rows`` rows cut into ``ceil(rows / piece_rows)`` pieces of
-    ``piece_rows`` rows, in order; a piece past the batch's last row (a short batch, or no
-    batch at all) is None. The count depends on ``rows`` only, so ranks whose batches differ
-    in size still take the same number of pieces."""
+    ``piece_rows`` rows, in order (None, or at least ``rows``: the batch whole). A piece with
+    no tokens (the padding rows of a short token batch, rows past a short classification
+    batch, or no batch at all) is None. The count depends on ``rows`` only, so ranks whose
+    batches differ in size still take the same number of pieces."""
+    if piece_rows is None or piece_rows >= rows:
+        return [batch]
     count = -(-rows // piece_rows)
     if batch is None:
         return [None] * count
     have = int(batch.input_ids.shape[0])
-    return [batch.row_slice(i * piece_rows, min(have, (i + 1) * piece_rows)) if i * piece_rows < have else None
-            for i in range(count)]
+    pieces = [batch.row_slice(i * piece_rows, min(have, (i + 1) * piece_rows)) if i * piece_rows < have else None
+              for i in range(count)]
+    return [None if piece is None or piece.tokens == 0 else piece for piece in pieces]
 
 
 def rows_for(batch_tokens: int, length: int) -> int:
@@ -273,7 +283,7 @@ class TokenPacker:
             **{name: torch.from_numpy(array) for name, array in {**arrays, **stored_arrays}.items()},
             record_ids=np.array([r.record_id for r in records], dtype=np.uint64),
             langs=[r.lang for r in records], cursors=[tuple(r.cursor) for r in records], tokens=tokens,
-            stored=self.stored,
+            row_tokens=ends, stored=self.stored,
         )
         if self.decode:
             batch = batch.decoded()
@@ -333,7 +343,7 @@ class SequencePacker:
             labels=torch.tensor([int(r.label) for r in records], dtype=torch.int64),
             record_ids=np.array([r.record_id for r in records], dtype=np.uint64),
             langs=[r.lang for r in records], cursors=[tuple(r.cursor) for r in records],
-            tokens=int(attention_mask.sum()),
+            tokens=int(attention_mask.sum()), row_tokens=attention_mask.sum(1).numpy(),
         )
 
 

@@ -189,15 +189,15 @@ class StudentRun:
     def train_on_shared(self, batch: TokenBatch | SequenceBatch | None) -> Iterator[dict[str, float]]:
         """Train on one shared batch, whole or cut into this student's micro-batches of
         ``piece_rows`` rows, each a :meth:`train_on`; yields the log row of each optimizer step
-        as it is taken (so the caller may evaluate the model between micro-batches). The
-        pieces past the run's last step are left untrained."""
-        if self.piece_rows is None or self.piece_rows >= self.shared_rows:
-            pieces = [batch]
-        else:
-            pieces = row_pieces(batch, rows=self.shared_rows, piece_rows=self.piece_rows)
+        as it is taken (so the caller may evaluate the model between micro-batches). Pieces
+        without tokens on every rank (the padding rows of a short batch) are no micro-batch,
+        and the pieces past the run's last step are left untrained."""
+        pieces = row_pieces(batch, rows=self.shared_rows, piece_rows=self.piece_rows)
         for piece in pieces:
             if self.done:
                 return
+            if len(pieces) > 1 and not self.ranks.any(piece is not None):  # padding rows on every rank
+                continue
             row = self.train_on(piece)
             if row is not None:
                 yield row
@@ -213,6 +213,8 @@ class StudentRun:
             out = token_batch_loss(student, batch)
         elif batch is not None:
             out = sequence_batch_loss(student, batch, self.texts)
+        if out is not None and not (out.kd_positions or out.ce_positions):
+            out = None  # nothing to learn from (no labelled position): no loss, no gradient
         counted = out is not None  # whether the batch (of any rank) adds to the log's mean
         if self.ranks.distributed:
             out, counted = self._union_part(out)

@@ -29,6 +29,7 @@ from logitcache.pipeline.collate import (
     SequencePacker,
     TokenBatch,
     TokenPacker,
+    row_pieces,
     rows_for,
 )
 from logitcache.pipeline.dataset import CacheDataset
@@ -64,6 +65,9 @@ def evaluate_students(cfg: JobConfig, students: dict[str, Student], *, texts: di
                            verify=not skip, skip_shards=skipped)
     length = int(reader.manifest.windows.get("max_length") or cfg.windows.max_length)
     rows = rows_for(cfg.train.batch_tokens, length)
+    # each student in micro-batches of its own size, as it trains (its memory may need them)
+    pieces = {name: None if s.cfg.batch_tokens is None else rows_for(s.cfg.batch_tokens, length)
+              for name, s in students.items()}
     texts = texts or {}
     if layout.is_token_level:
         packer: TokenPacker | SequencePacker = TokenPacker(layout, rows=rows, length=length, decode=False,
@@ -84,10 +88,13 @@ def evaluate_students(cfg: JobConfig, students: dict[str, Student], *, texts: di
             for batch in packer.pack(_limited(dataset, limit)):
                 batch = batch.to(next(iter(students.values())).device).decoded()
                 for name, student in students.items():
-                    if isinstance(batch, TokenBatch):
-                        _token_eval(student, batch, accumulators[name])
-                    else:
-                        _sequence_eval(student, batch, accumulators[name], texts.get(name))
+                    for piece in row_pieces(batch, rows=rows, piece_rows=pieces[name]):
+                        if piece is None:
+                            continue
+                        if isinstance(piece, TokenBatch):
+                            _token_eval(student, piece, accumulators[name])
+                        else:
+                            _sequence_eval(student, piece, accumulators[name], texts.get(name))
                 records += len(batch.langs)
                 bar.update(len(batch.langs))
     finally:

@@ -3,7 +3,8 @@
 The recipe, top to bottom:
 
 1. open the cache (its manifest says what the records hold) and check every student's loss
-   against the cache kind, before anything heavy happens;
+   against the cache kind, and its batch size against the shared batch, before anything
+   heavy happens;
 2. build or load each student and check that it can read this cache (same vocabulary, or
    its own text column for classification caches);
 3. stream the cache's training split (everything but the held-out records) through a
@@ -129,6 +130,9 @@ def _train(cfg: JobConfig, *, ranks: Ranks, resume: bool, progress: bool) -> Tra
             check_loss_supported(student_cfg.loss, manifest.kind)
         except ConfigError as error:
             raise ConfigError(f"students[{index}].loss: {error}") from None
+    length = _batch_length(cfg, manifest)
+    shared_rows = rows_for(train.batch_tokens, length)
+    pieces = [piece_rows(cfg, index, length=length) for index in range(len(cfg.students))]
     skipped = _corrupt_shards(cfg, reader, ranks) if train.on_corrupt_shard == "skip" else {}
 
     # 2. the students (under torchrun: rank 0's initial weights on every rank, and a torch RNG
@@ -140,12 +144,9 @@ def _train(cfg: JobConfig, *, ranks: Ranks, resume: bool, progress: bool) -> Tra
     if ranks.distributed:
         torch.manual_seed(rank_seed(train.seed, ranks.rank))
     texts = {s.name: own_texts(cfg, s) for s in students if s.reads_text}
-    length = _batch_length(cfg, manifest)
-    shared_rows = rows_for(train.batch_tokens, length)
     runs = {s.name: StudentRun.create(s, total_steps=train.steps, texts=texts.get(s.name), ranks=ranks,
-                                      shared_rows=shared_rows,
-                                      piece_rows=None if s.cfg.batch_tokens is None else rows_for(s.cfg.batch_tokens, length))
-            for s in students}
+                                      shared_rows=shared_rows, piece_rows=rows)
+            for s, rows in zip(students, pieces, strict=True)}
     digests = {s.name: config_digest(s.cfg) for s in students}
 
     # 3. the reader, resumed where the newest checkpoint stopped
@@ -270,6 +271,23 @@ def _train(cfg: JobConfig, *, ranks: Ranks, resume: bool, progress: bool) -> Tra
     summary.seconds = time.perf_counter() - started
     (output / "train_summary.json").write_text(json.dumps(summary.to_dict(), indent=2, default=str), encoding="utf-8")
     return summary
+
+
+def piece_rows(cfg: JobConfig, index: int, *, length: int) -> int | None:
+    """Rows of student ``index``'s micro-batches (None: the shared batch whole); they must
+    divide the shared batch's rows, so that every micro-batch has the same size."""
+    tokens = cfg.students[index].batch_tokens
+    shared = rows_for(cfg.train.batch_tokens, length)
+    if tokens is None or rows_for(tokens, length) >= shared:
+        return None
+    rows = rows_for(tokens, length)
+    if shared % rows:
+        fits = ", ".join(str(d * length) for d in range(1, shared) if shared % d == 0)
+        raise ConfigError(
+            f"students[{index}].batch_tokens: {tokens} makes micro-batches of {rows} row(s) of {length} tokens, "
+            f"which do not divide the shared batch's {shared} rows (train.batch_tokens {cfg.train.batch_tokens}); "
+            f"use one of {fits}, or null for the whole batch")
+    return rows
 
 
 def pins_memory(setting: bool | None, device: torch.device) -> bool:

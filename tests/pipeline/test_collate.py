@@ -126,14 +126,16 @@ def test_row_pieces_of_a_packed_batch_are_the_batches_a_smaller_packer_makes():
     assert sum(p.tokens for p in pieces) == big.tokens
 
 
-def test_row_pieces_past_a_short_batch_are_none_and_their_count_follows_the_rows():
+def test_row_pieces_of_padding_rows_are_none_and_their_count_follows_the_rows():
     layout = make_layout("token_topk", k=3, vocab_size=50)
+    # the last batch of a stream: records in rows 0..2 of 5, rows 3 and 4 all padding
     short = TokenPacker(layout, rows=5, length=6).collate([record(0, 5), record(1, 4), record(2, 6)])
-    short = short.row_slice(0, 3)  # the last batch of a stream: 3 of 5 rows
     pieces = row_pieces(short, rows=5, piece_rows=2)
-    assert [None if p is None else p.input_ids.shape[0] for p in pieces] == [2, 1, None]
+    assert [None if p is None else p.input_ids.shape[0] for p in pieces] == [2, 2, None]
     assert [p.tokens for p in pieces[:2]] == [9, 6]
+    assert pieces[1].row_tokens.tolist() == [6, 0]
     assert row_pieces(None, rows=5, piece_rows=2) == [None, None, None]  # a dry rank keeps in step
+    assert row_pieces(short, rows=5, piece_rows=None) == [short] == row_pieces(short, rows=5, piece_rows=5)
 
 
 def test_row_pieces_of_a_sequence_batch_keep_their_records():
@@ -147,6 +149,8 @@ def test_row_pieces_of_a_sequence_batch_keep_their_records():
     assert first.langs == ["en", "de"] and second.labels.tolist() == [2]
     assert (first.tokens, second.tokens) == (8, 2)
     assert torch.equal(second.class_logprobs, batch.class_logprobs[2:])
+    # a short classification batch has fewer rows: the pieces past them are None
+    assert row_pieces(batch, rows=6, piece_rows=2)[2] is None
 
 
 def test_pad_sequences_and_moving_a_batch():

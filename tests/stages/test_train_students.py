@@ -1,5 +1,6 @@
 """Stage two end to end: tiny caches built by stage one, tiny students trained from them."""
 
+import dataclasses
 import json
 import re
 from pathlib import Path
@@ -159,6 +160,15 @@ def test_a_students_batches_are_pieces_of_the_shared_batch(tmp_path, topk_cache,
         assert all(torch.equal(x[k], y[k]) for k in x), name
 
 
+def test_micro_batches_that_do_not_divide_the_shared_batch_are_refused(tmp_path, topk_cache, corpus_dir,
+                                                                      tiny_causal_lm_dir):
+    data = job_data(topk_cache, corpus_dir, tiny_causal_lm_dir, tmp_path / "out")
+    data["students"][1]["batch_tokens"] = 144  # 3 rows of 48 against the shared batch's 4
+    with pytest.raises(ConfigError, match=r"students\[1\]\.batch_tokens: 144 .* 3 row\(s\) .* 4 rows .* 48, 96"):
+        train_students(config_from_dict(data), progress=False)
+    assert not (tmp_path / "out").exists()
+
+
 def test_a_run_killed_between_micro_batches_resumes_exactly(tmp_path, topk_cache, corpus_dir, tiny_causal_lm_dir,
                                                             monkeypatch):
     # micro-batches of 1 row, 4 per shared batch, 3 per step: steps end inside shared batches,
@@ -294,3 +304,32 @@ def test_batches_are_pinned_on_a_gpu_unless_turned_off_and_never_on_the_cpu():
     gpu, cpu = torch.device("cuda", 0), torch.device("cpu")
     assert pins_memory(None, gpu) and pins_memory(True, gpu) and not pins_memory(False, gpu)
     assert not any(pins_memory(setting, cpu) for setting in (None, True, False))
+
+
+def test_a_student_is_evaluated_in_micro_batches_of_its_size_with_the_same_results(tmp_path, topk_cache, corpus_dir,
+                                                                                  tiny_causal_lm_dir, monkeypatch):
+    from logitcache.pipeline.students import build_student
+    from logitcache.stages import evaluate
+
+    data = job_data(topk_cache, corpus_dir, tiny_causal_lm_dir, tmp_path / "out")
+    cfg = config_from_dict(data)
+    manifest = CacheReader(topk_cache).manifest
+    whole = build_student(cfg.students[0], manifest=manifest, device=torch.device("cpu"), seed=0)
+    # the same name: the same initial weights
+    pieces = build_student(dataclasses.replace(cfg.students[0], batch_tokens=48), manifest=manifest,
+                           device=torch.device("cpu"), seed=0)
+    seen = {"whole": [], "pieces": []}
+    original = evaluate._token_eval
+
+    def recording(student, batch, metrics):
+        seen["pieces" if student is pieces else "whole"].append(batch.input_ids.shape[0])
+        return original(student, batch, metrics)
+
+    monkeypatch.setattr(evaluate, "_token_eval", recording)
+    results = evaluate.evaluate_students(cfg, {"whole": whole, "pieces": pieces}, progress=False)
+    assert set(seen["whole"]) == {4} and set(seen["pieces"]) == {1}  # rows of 48 tokens
+    a, b = results["whole"]["metrics"], results["pieces"]["metrics"]
+    assert a.keys() == b.keys()
+    for lang in a:
+        for key, value in a[lang].items():
+            assert b[lang][key] == pytest.approx(value, rel=1e-5, abs=1e-7), (lang, key)
