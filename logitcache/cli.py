@@ -174,9 +174,15 @@ def train(config: str, overrides: tuple[str, ...], resume: bool, as_json: bool, 
     (each rank reads its own part of the cache; rank 0 logs, evaluates and saves).
     """
     from logitcache.config import load_config
-    from logitcache.stages.train_students import train_students
+    from logitcache.stages.train_students import interrupted_message, train_students
 
-    summary = train_students(load_config(config, overrides), resume=resume, progress=not no_progress)
+    cfg = load_config(config, overrides)
+    try:
+        summary = train_students(cfg, resume=resume, progress=not no_progress)
+    except KeyboardInterrupt:
+        if os.environ.get("RANK", "0") == "0":
+            click.echo(interrupted_message(cfg), err=True)
+        raise SystemExit(130) from None
     if summary.rank != 0:  # under torchrun, rank 0 speaks for the run
         return
     if as_json:

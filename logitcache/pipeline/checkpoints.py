@@ -105,16 +105,47 @@ def restore_rng(trainer: dict[str, Any], *, rank: int = 0, world_size: int = 1) 
     return True
 
 
-def check_resumable(checkpoint: Checkpoint, *, digests: dict[str, str]) -> None:
-    """Refuse to resume a checkpoint written for other students (names or configs)."""
+_AFRESH = "or start afresh (--no-resume, or another train.output)"
+
+
+def check_resumable(checkpoint: Checkpoint, *, digests: dict[str, str], configs: dict[str, dict[str, Any]],
+                    steps: int) -> None:
+    """Refuse to resume a checkpoint written for other students (names or configs, naming the
+    settings that changed) or for another ``train.steps`` (the schedules decay over it)."""
     saved = checkpoint.trainer.get("students", {})
     if set(saved) != set(digests):
         raise StudentError(
             f"{checkpoint.path}: this checkpoint holds students {sorted(saved)}, the config lists "
-            f"{sorted(digests)}; resume with the same students, or start afresh (--no-resume, or another "
-            "train.output)")
+            f"{sorted(digests)}; resume with the same students, {_AFRESH}")
     changed = sorted(name for name, digest in digests.items() if saved[name].get("config_digest") != digest)
     if changed:
+        before = checkpoint.trainer.get("configs", {})  # absent from checkpoints of older versions
+        details = [f"students[{name}]: {_differences(before[name], configs[name])}" for name in changed
+                   if name in before]
         raise StudentError(
-            f"{checkpoint.path}: the config of {', '.join(changed)} changed since this checkpoint; resume with "
-            "the same settings, or start afresh (--no-resume, or another train.output)")
+            f"{checkpoint.path}: the config of {', '.join(changed)} changed since this checkpoint"
+            + (f" ({'; '.join(details)})" if details else "") + f"; resume with the same settings, {_AFRESH}")
+    saved_steps = checkpoint.trainer.get("train_steps")
+    if saved_steps is not None and saved_steps != steps:
+        raise StudentError(
+            f"{checkpoint.path}: train.steps was {saved_steps} when this checkpoint was written, now {steps}; "
+            "the learning-rate schedules decay over train.steps, so resuming would make them jump. Keep "
+            f"train.steps {saved_steps}, {_AFRESH}; to train a finished student further, start a new run "
+            "from its final model (model.path: <output>/<student>/final)")
+
+
+def _differences(before: dict[str, Any], after: dict[str, Any]) -> str:
+    """``key: old -> new`` for each setting that differs, nested keys dotted."""
+    flat_before, flat_after = _flatten(before), _flatten(after)
+    keys = sorted(set(flat_before) | set(flat_after))
+    return ", ".join(f"{key} {flat_before.get(key)!r} -> {flat_after.get(key)!r}" for key in keys
+                     if flat_before.get(key) != flat_after.get(key))
+
+
+def _flatten(value: Any, prefix: str = "") -> dict[str, Any]:
+    if not isinstance(value, dict):
+        return {prefix: value}
+    out: dict[str, Any] = {}
+    for key, inner in value.items():
+        out.update(_flatten(inner, f"{prefix}.{key}" if prefix else str(key)))
+    return out

@@ -32,7 +32,12 @@ from torch import Tensor
 
 from logitcache.config import StudentConfig
 from logitcache.errors import StudentError, TeacherError
-from logitcache.pipeline.teacher import base_model_of, logit_postprocessing, tokenizer_fingerprints
+from logitcache.pipeline.teacher import (
+    base_model_of,
+    logit_postprocessing,
+    source_problem,
+    tokenizer_fingerprints,
+)
 from logitcache.storage_schemas.manifest import Manifest
 
 #: Logit given to the teacher-width columns a narrower student head lacks (padding rows).
@@ -126,6 +131,9 @@ def build_student(cfg: StudentConfig, *, manifest: Manifest, device: torch.devic
             raise StudentError(f"{where}.model.config: {model_type} cannot be built for {task}: {error}") from None
     else:
         path = os.path.expanduser(cfg.model.path)
+        problem = source_problem(cfg.model.path)
+        if problem is not None:
+            raise StudentError(f"{where}.model.path: {problem}")
         try:
             model = auto.from_pretrained(path)
         except (OSError, ValueError) as error:
@@ -179,6 +187,9 @@ def _load_tokenizer(name: str, where: str, *, required: bool = True) -> Any | No
     local = Path(os.path.expanduser(name))
     if not required and not (local / "tokenizer_config.json").is_file() and not (local / "tokenizer.json").is_file():
         return None
+    problem = source_problem(name)
+    if problem is not None:
+        raise StudentError(f"{where}.tokenizer: {problem}")
     try:
         return AutoTokenizer.from_pretrained(os.fspath(local) if local.exists() else name)
     except (OSError, ValueError) as error:

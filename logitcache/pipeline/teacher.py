@@ -217,18 +217,34 @@ def _weights_sha256(directory: Path) -> str | None:
     return _sha_memo[key]
 
 
+def source_problem(name: str) -> str | None:
+    """Why ``name``, a model or tokenizer to load, is neither a local directory nor a hub
+    name; None when it may be either. A missing path whose parent is a local directory (a
+    mistyped ``runs/mdoel``) is taken for a local path, not sent to the hub."""
+    local = Path(os.path.expanduser(name))
+    if local.is_dir():
+        return None
+    if local.exists():
+        return f"{name!r} is a file; give the directory written by save_pretrained"
+    if not _HUB_ID.fullmatch(name) or ".." in name:
+        return f"{name!r} does not exist; give a local directory or a hub name"
+    if local.parent != Path(".") and local.parent.is_dir():
+        return (f"{name!r} does not exist, and it is taken for a local path since {str(local.parent)!r} "
+                "is a local directory; check the path")
+    return None
+
+
 def _source(cfg: TeacherConfig) -> tuple[str, Path | None]:
     """The name to pass to from_pretrained, and the local directory when it is one."""
+    problem = source_problem(cfg.model)
+    if problem is not None:
+        raise TeacherError(f"teacher.model: {problem}")
     local = Path(os.path.expanduser(cfg.model))
     if local.is_dir():
         if not (local / "config.json").is_file():
             raise TeacherError(f"teacher.model: {cfg.model!r} is a directory without config.json; "
                                "give a directory written by save_pretrained")
         return str(local), local
-    if local.exists():
-        raise TeacherError(f"teacher.model: {cfg.model!r} is a file; give the directory written by save_pretrained")
-    if not _HUB_ID.fullmatch(cfg.model) or ".." in cfg.model:
-        raise TeacherError(f"teacher.model: {cfg.model!r} does not exist; give a local model directory or a hub name")
     return cfg.model, None
 
 

@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -45,7 +46,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from logitcache.config import JobConfig
+from logitcache.config import JobConfig, config_to_dict
 from logitcache.errors import ConfigError, CorruptShardError, StudentError
 from logitcache.pipeline.checkpoints import (
     Checkpoint,
@@ -88,9 +89,7 @@ class TrainSummary:
         lines = [f"trained {len(self.students)} student(s) over {self.batches} batches{ranks} in {self.seconds:.1f} s"
                  + (f" (resumed from batch {self.resumed_from})" if self.resumed_from else "")]
         for name, info in self.students.items():
-            ev = (info.get("eval") or {}).get("all") or {}
-            shown = ", ".join(f"{k} {ev[k]:.4g}" for k in ("ce", "kl", "top1", "accuracy", "macro_f1")
-                              if isinstance(ev.get(k), (int, float)))
+            shown = _shown_metrics((info.get("eval") or {}).get("all") or {})
             lines.append(f"  {name}: {info['steps']} steps, {info['tokens']:,} tokens"
                          + (f"; held-out {shown}" if shown else ""))
         if self.skipped_shards:
@@ -98,6 +97,12 @@ class TrainSummary:
         if self.report:
             lines.append(f"report: {self.report}")
         return "\n".join(lines)
+
+
+def _shown_metrics(overall: dict[str, Any]) -> str:
+    """The headline held-out metrics of an evaluation, for a line of text."""
+    return ", ".join(f"{k} {overall[k]:.4g}" for k in ("ce", "kl", "top1", "accuracy", "macro_f1")
+                     if isinstance(overall.get(k), (int, float)))
 
 
 def train_students(cfg: JobConfig, *, resume: bool = True, progress: bool = True) -> TrainSummary:
@@ -113,10 +118,11 @@ def train_students(cfg: JobConfig, *, resume: bool = True, progress: bool = True
 def _train(cfg: JobConfig, *, ranks: Ranks, resume: bool, progress: bool) -> TrainSummary:
     started = time.perf_counter()
     progress = progress and ranks.is_main
-    if not progress:  # save_pretrained draws bars of its own
-        from transformers.utils import logging as transformers_logging
+    # from_pretrained and save_pretrained (at every checkpoint) draw bars of their own, which
+    # would break up the students' bars
+    from transformers.utils import logging as transformers_logging
 
-        transformers_logging.disable_progress_bar()
+    transformers_logging.disable_progress_bar()
     train = cfg.train
     output = Path(train.output)
 
@@ -148,6 +154,7 @@ def _train(cfg: JobConfig, *, ranks: Ranks, resume: bool, progress: bool) -> Tra
                                       shared_rows=shared_rows, piece_rows=rows)
             for s, rows in zip(students, pieces, strict=True)}
     digests = {s.name: config_digest(s.cfg) for s in students}
+    configs = {s.name: config_to_dict(s.cfg) for s in students}
 
     # 3. the reader, resumed where the newest checkpoint stopped
     dataset = CacheDataset(cfg.cache, seed=train.seed, epochs=None, shuffle_buffer=train.shuffle_buffer,
@@ -162,7 +169,7 @@ def _train(cfg: JobConfig, *, ranks: Ranks, resume: bool, progress: bool) -> Tra
     batches = 0
     checkpoint = _shared_latest(store, ranks) if resume else None
     if checkpoint is not None:
-        check_resumable(checkpoint, digests=digests)
+        check_resumable(checkpoint, digests=digests, configs=configs, steps=train.steps)
         for name, run in runs.items():
             run.student.model.load_state_dict(_saved_model(checkpoint.student_dir(name), run.student).state_dict())
             run.load_state_dict(checkpoint.run_state(name))
@@ -170,6 +177,9 @@ def _train(cfg: JobConfig, *, ranks: Ranks, resume: bool, progress: bool) -> Tra
         if not restore_rng(checkpoint.trainer, rank=ranks.rank, world_size=ranks.world_size):
             torch.manual_seed(rank_seed(train.seed, ranks.rank, batches=checkpoint.batches))
         batches = summary.resumed_from = checkpoint.batches
+        if progress:
+            at = ", ".join(f"{name} at step {run.step}" for name, run in runs.items())
+            tqdm.write(f"resuming from {checkpoint.path} (batch {batches}: {at})", file=sys.stderr)
     elif not resume and output.exists() and ranks.is_main:
         for name in runs:
             (output / name / "metrics.jsonl").unlink(missing_ok=True)
@@ -196,7 +206,7 @@ def _train(cfg: JobConfig, *, ranks: Ranks, resume: bool, progress: bool) -> Tra
     def save() -> None:  # on every rank; rank 0 writes
         for run in runs.values():
             run.gather_pending()
-        trainer = {"dataset": dataset.state_dict(),
+        trainer = {"dataset": dataset.state_dict(), "train_steps": train.steps, "configs": configs,
                    "students": {n: {"config_digest": digests[n], "step": r.step} for n, r in runs.items()}}
         if ranks.distributed:
             gathered = ranks.gather_objects((trainer["dataset"], torch.get_rng_state().tolist()))
@@ -230,8 +240,11 @@ def _train(cfg: JobConfig, *, ranks: Ranks, resume: bool, progress: bool) -> Tra
                     bars[name].update(1)
                     bars[name].set_postfix_str(f"loss {row['loss']:.4f}" if "loss" in row else "")
                     if train.eval_every and row["step"] % train.eval_every == 0 and row["step"] < train.steps:
-                        _evaluate_into(cfg, {name: run.student}, logs, steps={name: row["step"]}, texts=texts,
-                                       skipped=skipped)
+                        results = _evaluate_into(cfg, {name: run.student}, logs, steps={name: row["step"]},
+                                                 texts=texts, skipped=skipped)
+                        if progress:
+                            shown = _shown_metrics(results[name]["metrics"].get("all") or {})
+                            tqdm.write(f"{name} step {row['step']}: held-out {shown}", file=sys.stderr)
             if train.save_every and batches % train.save_every == 0:
                 save()
             if all(run.done for run in runs.values()):
@@ -271,6 +284,20 @@ def _train(cfg: JobConfig, *, ranks: Ranks, resume: bool, progress: bool) -> Tra
     summary.seconds = time.perf_counter() - started
     (output / "train_summary.json").write_text(json.dumps(summary.to_dict(), indent=2, default=str), encoding="utf-8")
     return summary
+
+
+def interrupted_message(cfg: JobConfig) -> str:
+    """What an interrupted ``logitcache train`` tells its user: where it can resume from."""
+    checkpoint = CheckpointStore(cfg.train.output).latest()
+    if checkpoint is None:
+        every = (f"every {cfg.train.save_every} batches" if cfg.train.save_every
+                 else "only at the end (train.save_every: 0)")
+        return (f"interrupted before the first checkpoint (they are saved {every}); running the same "
+                "command again starts afresh")
+    steps = ", ".join(f"{name} at step {info.get('step')}"
+                      for name, info in checkpoint.trainer.get("students", {}).items())
+    return (f"interrupted; the newest checkpoint is {checkpoint.path} (batch {checkpoint.batches}: {steps}); "
+            "run the same command again to resume from it")
 
 
 def piece_rows(cfg: JobConfig, index: int, *, length: int) -> int | None:

@@ -89,6 +89,20 @@ def test_seeded_init_is_reproducible_and_differs_between_students(tokenizer_info
     assert student_seed(3, "a") != student_seed(4, "a")
 
 
+def test_a_mistyped_local_path_is_named_not_sent_to_the_hub(tmp_path, tokenizer_info, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "runs").mkdir()
+    manifest = manifest_for(tokenizer_info)
+    # "runs/fk1" has the form of a hub name, but runs/ is a local directory: a typo, said at once
+    with pytest.raises(StudentError, match=r"students\[s\]\.model\.path: 'runs/fk1' does not exist.*'runs'"):
+        build_student(student_cfg(path="runs/fk1"), manifest=manifest, device=torch.device("cpu"), seed=0)
+    with pytest.raises(StudentError, match=r"students\[s\]\.tokenizer: 'runs/tok' does not exist"):
+        build_student(dataclasses.replace(student_cfg(), tokenizer="runs/tok"), manifest=manifest,
+                      device=torch.device("cpu"), seed=0)
+    with pytest.raises(StudentError, match=r"model\.path: 'runs/a/b' does not exist; give a local directory"):
+        build_student(student_cfg(path="runs/a/b"), manifest=manifest, device=torch.device("cpu"), seed=0)
+
+
 def test_a_student_with_another_tokenizer_is_refused(tmp_path, tokenizer_info):
     from tests.fixtures_models import build_tiny_tokenizer
 

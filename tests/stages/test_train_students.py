@@ -333,3 +333,54 @@ def test_a_student_is_evaluated_in_micro_batches_of_its_size_with_the_same_resul
     for lang in a:
         for key, value in a[lang].items():
             assert b[lang][key] == pytest.approx(value, rel=1e-5, abs=1e-7), (lang, key)
+
+
+def test_resuming_with_other_students_settings_or_steps_is_refused_naming_what_changed(tmp_path, topk_cache,
+                                                                                      corpus_dir, tiny_causal_lm_dir):
+    def job(**changes):
+        data = job_data(topk_cache, corpus_dir, tiny_causal_lm_dir, tmp_path / "out", train={"steps": 3})
+        data["students"][0]["loss"]["alpha"] = changes.pop("alpha", 0.7)
+        if changes.pop("one_student", False):
+            data["students"] = data["students"][:1]
+        data["train"].update(changes)
+        return config_from_dict(data)
+
+    train_students(job(), progress=False)
+    with pytest.raises(StudentError, match=r"config of fkl changed .*\(students\[fkl\]: loss\.alpha 0\.7 -> 0\.3\); resume"):
+        train_students(job(alpha=0.3), progress=False)
+    with pytest.raises(StudentError, match=r"holds students \['fkl', 'rkl'\], the config lists \['fkl'\]"):
+        train_students(job(one_student=True), progress=False)
+    with pytest.raises(StudentError, match=r"train\.steps was 3 .* now 5; .*\(model\.path: <output>/<student>/final"):
+        train_students(job(steps=5), progress=False)
+    assert train_students(job(), progress=False).resumed_from  # the same job resumes (and is done)
+    assert train_students(job(steps=5), resume=False, progress=False).students["fkl"]["steps"] == 5
+
+
+def test_a_run_says_where_it_resumes_from_and_what_its_evaluations_give(tmp_path, topk_cache, corpus_dir,
+                                                                        tiny_causal_lm_dir, capsys, monkeypatch):
+    from logitcache.stages.train_students import interrupted_message
+
+    data = job_data(topk_cache, corpus_dir, tiny_causal_lm_dir, tmp_path / "out",
+                    train={"steps": 3, "save_every": 2, "eval_every": 2})
+    cfg = config_from_dict(data)
+    assert re.fullmatch(r"interrupted before the first checkpoint \(they are saved every 2 batches\); .* afresh",
+                        interrupted_message(cfg))
+    train_students(cfg, progress=True)
+    err = capsys.readouterr().err
+    assert re.search(r"fkl step 2: held-out ce \d", err) and re.search(r"rkl step 2: held-out ce \d", err)
+    expected = r"\(batch 6: fkl at step 3, rkl at step 3\)"
+    assert re.search(r"newest checkpoint is \S+step-000000006 " + expected + "; run the same command again",
+                     interrupted_message(cfg))
+    train_students(cfg, progress=True)
+    assert re.search(r"resuming from \S+step-000000006 " + expected, capsys.readouterr().err)
+
+    import logitcache.stages.train_students as stage
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(stage, "train_students", interrupted)
+    path = tmp_path / "job.yaml"
+    path.write_text(yaml.safe_dump(data))
+    result = CliRunner().invoke(main, ["train", str(path), "--no-progress"])
+    assert result.exit_code == 130 and "run the same command again to resume" in result.output
