@@ -359,8 +359,9 @@ class StudentConfig(_Section):
     loss: LossConfig = field(default_factory=LossConfig)  # Distillation loss.
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)  # Optimizer and schedule.
     # Tokens per batch of this student: each shared batch (train.batch_tokens, read once for all
-    # students) is cut into equal row pieces of about this many tokens, one micro-batch each (also
-    # in evaluation); their rows must divide the shared batch's. null takes the shared batch whole.
+    # students) is cut into equal row pieces of this many tokens (rounded down to whole rows), one
+    # micro-batch each (also in evaluation); their rows must divide the shared batch's. null takes the
+    # shared batch whole.
     batch_tokens: int | None = _field(None, ge=1)
     grad_accum: int = _field(1, ge=1)  # Micro-batches accumulated per optimizer step.
 
@@ -377,7 +378,8 @@ class TrainConfig(_Section):
     """Stage two: training the students."""
 
     steps: int = _field(1000, ge=1)  # Optimizer steps per student.
-    batch_tokens: int = _field(16384, ge=1)  # Tokens per batch.
+    # Tokens per batch, shared by every student: whole rows of the cache's windows.max_length, rounded down (at least one row).
+    batch_tokens: int = _field(16384, ge=1)
     output: str = "runs/students"  # Directory of the students' checkpoints and logs.
     seed: int = _field(0, ge=0)  # Seed of initialisation and data order.
     eval_every: int = _field(0, ge=0)  # Steps between evaluations; 0 evaluates only at the end.

@@ -253,8 +253,8 @@ def describe_student(student: Student) -> dict[str, Any]:
     return {"parameters": student.parameters, "model_type": student.model.config.model_type,
             "loss": student.cfg.loss.kind, "alpha": student.cfg.loss.alpha,
             "temperature": student.cfg.loss.temperature, "tail": student.cfg.loss.tail,
-            "lr": student.cfg.optimizer.lr, "grad_accum": student.cfg.grad_accum,
-            "text_column": student.cfg.text_column}
+            "lr": student.cfg.optimizer.lr, "batch_tokens": student.cfg.batch_tokens or "shared",
+            "grad_accum": student.cfg.grad_accum, "text_column": student.cfg.text_column}
 
 
 def config_digest(cfg: StudentConfig) -> str:

@@ -169,13 +169,16 @@ def write_students_report(cfg: JobConfig, students: dict[str, Student], evaluati
     """The markdown + PNG report of an evaluation, with each student's training curves."""
     output = Path(cfg.train.output)
     report_dir = Path(cfg.eval.report) if cfg.eval.report else output / "report"
-    for name, result in evaluation.items():
-        (output / name).mkdir(parents=True, exist_ok=True)
-        (output / name / "eval.json").write_text(json.dumps(result, indent=2, default=str), encoding="utf-8")
     curves = {}
     for name in students:
         log = output / name / "metrics.jsonl"
         curves[name] = read_metrics_jsonl(log) if log.is_file() else []
+        trained = [row for row in curves[name] if "lr" in row]
+        if trained and name in evaluation:  # how much each student was trained on, side by side
+            evaluation[name].setdefault("info", {}).update(steps=trained[-1]["step"], tokens=trained[-1]["tokens"])
+    for name, result in evaluation.items():
+        (output / name).mkdir(parents=True, exist_ok=True)
+        (output / name / "eval.json").write_text(json.dumps(result, indent=2, default=str), encoding="utf-8")
     reader = CacheReader(cfg.cache)
     split = next(iter(evaluation.values()), {}).get("split", "eval")
     notes = [f"cache: {cfg.cache} ({reader.manifest.kind}, {reader.manifest.total_records:,} records, "
