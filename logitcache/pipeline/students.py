@@ -19,9 +19,12 @@ LM head a chunk of positions at a time, so ``[B, L, V]`` logits never exist for 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import difflib
 import hashlib
 import json
 import os
+import warnings
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -120,10 +123,12 @@ def build_student(cfg: StudentConfig, *, manifest: Manifest, device: torch.devic
             settings.setdefault("vocab_size", layout.vocab_size)
         if task == "sequence_classification":
             settings.setdefault("num_labels", layout.num_classes)
+        _check_model_type(model_type, where)
         try:
             config = AutoConfig.for_model(model_type, **settings)
         except (ValueError, KeyError, TypeError) as error:
             raise StudentError(f"{where}.model.config: not a valid transformers config: {error}") from None
+        _check_config_keys(config, cfg.model.config, where)
         torch.manual_seed(student_seed(seed, cfg.name))
         try:
             model = auto.from_config(config)
@@ -153,6 +158,35 @@ def build_student(cfg: StudentConfig, *, manifest: Manifest, device: torch.devic
     else:
         _check_classifier_student(student, manifest, where)
     return student
+
+
+def _check_model_type(model_type: str, where: str) -> None:
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    known = sorted(CONFIG_MAPPING.keys())
+    if model_type in known:
+        return
+    close = difflib.get_close_matches(model_type, known, n=3)
+    hint = f"did you mean {' or '.join(map(repr, close))}?" if close else "e.g. llama, qwen2, gpt2 or bert"
+    raise StudentError(f"{where}.model.config.model_type: {model_type!r} is not a transformers model type; {hint}")
+
+
+def _check_config_keys(config: Any, given: dict[str, Any], where: str) -> None:
+    """Keys of a student's ``model.config`` that its config class has no setting for: a
+    transformers config keeps any keyword as an extra attribute, which its model never reads
+    (``hidden_sise: 64`` would leave the default width). One close to a real setting is an
+    error that names it; any other is warned about (a model may read an extra attribute)."""
+    cls = type(config)
+    if not dataclasses.is_dataclass(cls):  # transformers < 5: the settings are not declared as fields
+        return
+    known = {f.name for f in dataclasses.fields(cls)} | set(getattr(cls, "attribute_map", {}))
+    for key in (k for k in given if k != "model_type" and k not in known and k in vars(config)):
+        close = difflib.get_close_matches(key, sorted(k for k in known if not k.startswith("_")), n=1)
+        if close:
+            raise StudentError(f"{where}.model.config.{key}: {config.model_type} configs have no setting {key!r}; "
+                               f"did you mean {close[0]!r}?")
+        warnings.warn(f"{where}.model.config.{key}: not a setting of {config.model_type} configs; it is kept as "
+                      "an extra attribute, which the model may not read", stacklevel=2)
 
 
 def cache_pad_id(manifest: Manifest) -> int:

@@ -162,3 +162,23 @@ def test_the_config_digest_tells_students_apart_and_ignores_an_unset_batch_size(
     digests = {config_digest(base), config_digest(dataclasses.replace(base, batch_tokens=512)),
                config_digest(dataclasses.replace(base, grad_accum=2))}
     assert len(digests) == 3
+
+
+def test_misspelt_model_settings_and_types_are_named_with_the_likely_one(tokenizer_info):
+    manifest = manifest_for(tokenizer_info)
+
+    def build(**config):
+        return build_student(student_cfg(config={**TINY, **config}), manifest=manifest, device=torch.device("cpu"),
+                             seed=0)
+
+    # a transformers config would keep hidden_sise as an attribute no model reads, and build the default width
+    with pytest.raises(StudentError, match=r"model\.config\.hidden_sise: llama configs have no setting "
+                                           r"'hidden_sise'; did you mean 'hidden_size'\?"):
+        build(hidden_sise=64)
+    with pytest.raises(StudentError, match=r"model\.config\.model_type: 'lama' is not a transformers model type; "
+                                           r"did you mean 'llama'"):
+        build(model_type="lama")
+    with pytest.warns(UserWarning, match=r"model\.config\.zzz_marker: not a setting of llama configs"):
+        student = build(zzz_marker=1)
+    assert student.model.config.hidden_size == TINY["hidden_size"]
+    build(rope_theta=5000.0, tie_word_embeddings=True)  # settings transformers converts or declares: accepted
