@@ -137,20 +137,29 @@ def repack(source: str, dest: str, backend: str | None, compression: str | None,
 @main.command()
 @config_options
 @click.option("--overwrite", is_flag=True, help="Discard an existing cache at the configured path first.")
+@click.option("--repair", is_flag=True, help="First check every committed shard (as `logitcache verify` does) "
+              "and build the units of damaged or missing ones again.")
 @click.option("--json", "as_json", is_flag=True, help="Print the build summary as JSON.")
 @click.option("--no-progress", is_flag=True, help="Do not draw a progress bar.")
-def build(config: str, overrides: tuple[str, ...], overwrite: bool, as_json: bool, no_progress: bool) -> None:
+def build(config: str, overrides: tuple[str, ...], overwrite: bool, repair: bool, as_json: bool,
+          no_progress: bool) -> None:
     """Stage one: run the teacher over the corpus and write its soft labels to the cache.
 
     Re-running the same CONFIG skips work units already committed, so an interrupted build
     resumes where it stopped and a grown corpus adds only its new units. A different
-    configuration into an existing cache is refused with the fields that differ.
+    configuration into an existing cache is refused with the fields that differ. A shard
+    damaged or lost after its commit (`logitcache verify` names it) is built again with
+    --repair.
     """
     from logitcache.config import load_config
     from logitcache.stages.build_cache import build_cache
 
     _refuse_torchrun("build")
-    summary = build_cache(load_config(config, overrides), overwrite=overwrite, progress=not no_progress)
+    if overwrite and repair:
+        raise click.UsageError("--repair keeps the cache and rebuilds its damaged shards; --overwrite discards it: "
+                               "give one of them")
+    summary = build_cache(load_config(config, overrides), overwrite=overwrite, repair=repair,
+                          progress=not no_progress)
     if as_json:
         _print_json(summary.to_dict())
     else:

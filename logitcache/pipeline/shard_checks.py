@@ -32,7 +32,7 @@ def corrupt_shard_error(problem: str, *, cache: str) -> CorruptShardError:
     return CorruptShardError(
         f"{problem.rstrip('.')}. Its labels would be wrong, so nothing was read from it. "
         f"Run `logitcache verify {cache}` to list every bad shard, then restore those files from a "
-        "copy or rebuild the cache (`logitcache build CONFIG --overwrite`); or set "
+        "copy or build their units again (`logitcache build CONFIG --repair`); or set "
         "train.on_corrupt_shard: skip to train and evaluate without the bad shards."
     )
 

@@ -50,6 +50,7 @@ from logitcache.storage_schemas.layout import RecordLayout
 from logitcache.storage_schemas.lock import CacheLock
 from logitcache.storage_schemas.manifest import Manifest, ShardEntry
 from logitcache.storage_schemas.shard_writer import ShardWriter
+from logitcache.storage_schemas.verify import verify_cache
 
 _KIND_OF_MODE = {"topk": "token_topk", "sampled": "token_sampled", "topk+sampled": "token_topk_sampled"}
 
@@ -71,6 +72,8 @@ class BuildSummary:
     forward_seconds: float = 0.0
     skipped_documents: dict[str, int] = field(default_factory=dict)
     failed_units: dict[str, str] = field(default_factory=dict)  # unit id -> where and why, after retries
+    repaired_units: dict[str, str] = field(default_factory=dict)  # unit id -> its damage (--repair): built again
+    unrepaired_units: list[str] = field(default_factory=list)  # taken out, but the corpus no longer has them
     cache_totals: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -89,6 +92,7 @@ class BuildSummary:
             "seconds": round(self.seconds, 3), "tokens_per_second": round(self.tokens_per_second, 1),
             "padding_fraction": round(self.padding_fraction, 4),
             "skipped_documents": self.skipped_documents, "failed_units": self.failed_units,
+            "repaired_units": self.repaired_units, "unrepaired_units": self.unrepaired_units,
             "cache_totals": self.cache_totals,
         }
 
@@ -100,6 +104,11 @@ class BuildSummary:
                     f"{self.records:,} records, {self.tokens:,} tokens in {self.seconds:.1f} s "
                     f"({self.tokens_per_second:,.0f} tokens/s, padding {self.padding_fraction:.1%})")
         lines = [head]
+        if self.repaired_units:
+            lines.append(f"  repaired: {len(self.repaired_units)} damaged or missing shard(s) taken out and their "
+                         f"unit(s) built again: {', '.join(sorted(self.repaired_units))}")
+        if self.unrepaired_units:
+            lines.append(f"  not built again, since the corpus no longer holds them: {', '.join(self.unrepaired_units)}")
         if self.positions:
             lines.append(f"  shard bytes: {self.bytes:,} ({self.bytes / self.positions:.1f} bytes per labelled position)")
         if self.skipped_documents:
@@ -177,11 +186,24 @@ def _count(counts: dict[str, int], more: dict[str, int]) -> None:
         counts[reason] = counts.get(reason, 0) + n
 
 
-def build_cache(cfg: JobConfig, *, overwrite: bool = False, progress: bool = True,
+def _forget_damaged(writer: ShardWriter, cache: str) -> dict[str, str]:
+    """Check every committed shard as ``logitcache verify`` does and take the damaged or
+    missing ones out of the cache, so this build labels their units again; unit id -> problem."""
+    report = verify_cache(cache)
+    problems: dict[str, str] = {}
+    for problem in report.problems:
+        problems.setdefault(problem.unit_id, f"{problem.path}: {problem.problem}")
+    writer.forget_units(set(problems))
+    return problems
+
+
+def build_cache(cfg: JobConfig, *, overwrite: bool = False, repair: bool = False, progress: bool = True,
                 executor: Executor | None = None) -> BuildSummary:
     """Stage one for ``cfg``; returns what was built. See the module docstring.
 
-    ``executor`` runs the units; by default the one ``cfg.executor`` names, made and closed here.
+    ``repair`` first checks every committed shard (as ``logitcache verify`` does) and builds
+    the units of the damaged or missing ones again. ``executor`` runs the units; by default
+    the one ``cfg.executor`` names, made and closed here.
     """
     cfg.require_build_sections()
     started = time.perf_counter()
@@ -200,6 +222,8 @@ def build_cache(cfg: JobConfig, *, overwrite: bool = False, progress: bool = Tru
         teacher = executor.teacher_facts(cfg.teacher)
         layout = record_layout(cfg, teacher)
         writer = ShardWriter(cfg.cache, template=manifest_template(cfg, teacher, layout), overwrite=overwrite)
+        if repair and writer.committed_units:
+            summary.repaired_units = _forget_damaged(writer, cfg.cache)
         committed = {unit_id: writer.manifest.shard_for_unit(unit_id) for unit_id in writer.committed_units}
         task = unit_task(cfg, teacher, layout)
         bar = stack.enter_context(tqdm(desc="build", unit=" unit", total=estimate_units(cfg.corpus) if progress else None,
@@ -251,6 +275,8 @@ def build_cache(cfg: JobConfig, *, overwrite: bool = False, progress: bool = Tru
 
         if not units_seen:
             raise _empty_corpus(cfg)
+        summary.unrepaired_units = sorted(set(summary.repaired_units) - writer.committed_units
+                                          - set(summary.failed_units))
 
         # 4. the build's statistics, under the lock like every manifest write; a re-run writes
         # them when a killed build could not, even with no unit left to build

@@ -409,7 +409,7 @@ def _corrupt_shards(cfg: JobConfig, reader: CacheReader, ranks: Ranks) -> dict[s
         warn_skipped(found, cache=cfg.cache, what="training and evaluation")
     if len(found) == len(reader.shards):
         raise CorruptShardError(f"every shard of {cfg.cache} is corrupt, nothing is left to train on; "
-                                f"run `logitcache verify {cfg.cache}` and rebuild the cache")
+                                f"run `logitcache verify {cfg.cache}`, then `logitcache build CONFIG --repair`")
     return found
 
 

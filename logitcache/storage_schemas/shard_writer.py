@@ -214,6 +214,25 @@ class ShardWriter:
                                   committed=len(self.manifest.shards)) from exc
         return entry
 
+    def forget_units(self, unit_ids: set[str]) -> list[ShardEntry]:
+        """Take ``unit_ids`` out of the manifest (saved at once, so readers stop using them),
+        then remove their shard files: the next commits of those units replace them. How a
+        shard that went missing or bad after its commit is repaired."""
+        gone = [entry for entry in self.manifest.shards if entry.unit_id in unit_ids]
+        if not gone or self._replace_on_commit:
+            return []
+        kept = [entry for entry in self.manifest.shards if entry.unit_id not in unit_ids]
+        self.manifest.shards, before = kept, self.manifest.shards
+        try:
+            self.manifest.save(self.location)
+        except OSError as exc:
+            self.manifest.shards = before
+            raise storage_failure(exc, url=self.location.url, what=f"saving {MANIFEST_FILE} without the damaged "
+                                  "shards", committed=len(before)) from exc
+        for entry in gone:
+            self._discard(entry.path)
+        return gone
+
     def _discard(self, rel: str) -> None:
         """Remove an uncommitted shard if the storage lets us (it frees space; readers ignore it anyway)."""
         with contextlib.suppress(OSError):

@@ -95,7 +95,8 @@ class VerifyReport:
         else:
             lines.append(
                 f"FAILED {self.url}: {len(self.problems)} problem(s) in {len(self.bad_shards)} of "
-                f"{self.shards_checked} shard(s) ({mode} check); rebuild the units named above"
+                f"{self.shards_checked} shard(s) ({mode} check); `logitcache build CONFIG --repair` builds "
+                "their units again (or restore the files from a copy)"
             )
         return "\n".join(lines)
 
@@ -147,7 +148,7 @@ def _check_shard(location: CacheLocation, backend, manifest: Manifest, entry: Sh
     except OSError as exc:
         return [f"cannot be checked ({exc})"]
     if not present:
-        return ["missing: the manifest lists it but it is not on disk; rebuild its unit"]
+        return ["missing: the manifest lists it but it is not on disk"]
     problems: list[str] = []
     try:
         size, sha256 = location.digest(entry.path)

@@ -103,7 +103,7 @@ def test_train_stops_before_a_corrupt_shard_reaches_a_student(tmp_path, caches, 
     assert message.startswith("error: shard " + bad), message
     assert {"flip": "sha256", "truncated": "bytes, the manifest says", "missing": "is missing"}[how] in message
     assert f"logitcache verify {tmp_path / 'cache'}" in message
-    assert "logitcache build CONFIG --overwrite" in message and "on_corrupt_shard: skip" in message
+    assert "logitcache build CONFIG --repair" in message and "on_corrupt_shard: skip" in message
     assert "Traceback" not in message
     assert bad not in reads  # no block of the bad shard was read
     for student in ("fkl", "rkl"):
@@ -163,3 +163,35 @@ def test_eval_stops_at_a_corrupt_shard_by_default(tmp_path, caches, corpus_dir, 
     result = runner.invoke(main, ["eval", "--no-progress", str(path)])
     assert result.exit_code == 1, result.output
     assert result.output.startswith("error: shard shards/part-") and "logitcache verify" in result.output
+
+
+@pytest.mark.parametrize(("backend", "how"), [("parquet", "flip"), ("zarr", "missing")])
+def test_build_repair_labels_the_damaged_units_again_and_keeps_the_rest(tmp_path, caches, corpus_dir,
+                                                                        tiny_causal_lm_dir, backend, how):
+    pristine = caches(backend)
+    path = setup_job(tmp_path, pristine, corpus_dir, tiny_causal_lm_dir)
+    data = yaml.safe_load(path.read_text())
+    data["storage"] = {**data.get("storage", {}), "backend": backend}
+    path.write_text(yaml.safe_dump(data))
+    cache = tmp_path / "cache"
+    bad = corrupt(cache, how)
+    unit = next(e.unit_id for e in CacheReader(str(pristine)).shards if e.path == bad)
+    kept = {e.unit_id: e.sha256 for e in CacheReader(str(cache)).manifest.shards if e.path != bad}
+
+    plain = CliRunner().invoke(main, ["build", str(path), "--no-progress"])
+    assert plain.exit_code == 0 and "up to date" in plain.output  # a plain build trusts the manifest
+    assert not verify_cache(str(cache)).ok
+    result = CliRunner().invoke(main, ["build", str(path), "--no-progress", "--repair"])
+    assert result.exit_code == 0, result.output
+    assert f"repaired: 1 damaged or missing shard(s) taken out and their unit(s) built again: {unit}" in result.output
+    assert "built 1 unit(s)" in result.output
+    assert verify_cache(str(cache)).ok
+    after = {e.unit_id: e for e in CacheReader(str(cache)).manifest.shards}
+    before = {e.unit_id: e for e in CacheReader(str(pristine)).manifest.shards}
+    assert after.keys() == before.keys()
+    assert all(after[u].sha256 == sha for u, sha in kept.items())  # the others were not touched
+    assert (after[unit].records, after[unit].tokens) == (before[unit].records, before[unit].tokens)
+    again = CliRunner().invoke(main, ["build", str(path), "--no-progress", "--repair"])
+    assert again.exit_code == 0 and "up to date" in again.output and "repaired" not in again.output
+    both = CliRunner().invoke(main, ["build", str(path), "--repair", "--overwrite"])
+    assert both.exit_code == 2 and "give one of them" in both.output

@@ -96,7 +96,7 @@ def test_missing_shard(tmp_path, backend):
     shutil.rmtree(path) if path.is_dir() else path.unlink()
     report = verify_cache(str(root))
     assert problems_of(report, shard) == [
-        "missing: the manifest lists it but it is not on disk; rebuild its unit"
+        "missing: the manifest lists it but it is not on disk"
     ]
     assert report.bad_shards == [shard]
 
