@@ -80,7 +80,8 @@ def make_template(layout: RecordLayout, *, backend: str = "parquet", storage: di
     return Manifest(
         layout=layout, backend=backend, storage=config_to_dict(storage_cfg),
         teacher={"name_or_path": teacher, "revision": None, "dtype": "float32", "task": "causal_lm"},
-        tokenizer={"name_or_path": teacher, "fingerprint": "tok-fp-1", "vocab_size": layout.vocab_size},
+        tokenizer={"name_or_path": teacher, "fingerprint": "tok-fp-1", "vocab_fingerprint": "vocab-fp-0123456789",
+                   "vocab_size": layout.vocab_size},
         windows={"max_length": 12, "stride": 0},
         soft_labels={"mode": "topk", "k": layout.k, "values": layout.value_codec},
         fingerprint_fields={"soft_labels": {"k": layout.k}},

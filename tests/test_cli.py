@@ -63,6 +63,8 @@ def test_inspect_text(cache):
         assert f"\n  {lang} " in out
     assert "tail mass" in out
     assert "tokens_per_second" in out
+    assert "vocab fingerprint vocab-fp-012)" in out  # the digits a refused student's error quotes
+    assert "(zstd level 3)" in out
 
 
 def test_inspect_json(cache):

@@ -238,5 +238,5 @@ def _plot_per_language(path: Path, groups: Mapping[str, Mapping[str, Mapping[str
         if kind == "classification":
             ax.set_ylim(0.0, 105.0)
         ax.grid(axis="y", alpha=0.3)
-        ax.legend(fontsize="small")
-    fig.savefig(path, dpi=DPI)
+        ax.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.01, 1.0))  # beside the bars, not on them
+    fig.savefig(path, dpi=DPI, bbox_inches="tight")

@@ -52,6 +52,13 @@ from logitcache.storage_schemas.records import RecordBlock
 _UNIT_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 
 
+def _named_once(differences: list[str]) -> list[str]:
+    """A cache's identity holds the storage settings twice (as the cache uses them, and among
+    the config's fingerprint fields): a difference in both is named once."""
+    shown = set(differences)
+    return [d for d in differences if not (d.startswith("config.") and d.removeprefix("config.") in shown)]
+
+
 def shard_name(unit_id: str, extension: str) -> str:
     if not _UNIT_ID.match(unit_id):
         raise ValueError(
@@ -113,7 +120,7 @@ class ShardWriter:
             self._replace_on_commit = bool(existing.shards)
             self.manifest = existing if existing.shards else fresh
         elif existing is not None:
-            differences = diff_fields(cache_identity(existing), cache_identity(fresh))
+            differences = _named_once(diff_fields(cache_identity(existing), cache_identity(fresh)))
             if differences and existing.shards:
                 raise IncompatibleCacheError(
                     f"{self.location.url} was built with a different configuration; "

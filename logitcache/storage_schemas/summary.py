@@ -41,6 +41,8 @@ def summarize_cache(url: str) -> dict[str, Any]:
         "tokenizer": {
             "name": manifest.tokenizer.get("name_or_path"),
             "fingerprint": manifest.tokenizer.get("fingerprint"),
+            # what a student's tokenizer is checked against (the error quotes its first 12 digits)
+            "vocab_fingerprint": manifest.tokenizer.get("vocab_fingerprint"),
             "vocab_size": manifest.tokenizer.get("vocab_size", layout.vocab_size),
         },
         "layout": layout.to_dict(),
@@ -158,7 +160,7 @@ def format_summary(summary: dict[str, Any]) -> str:
     if layout.get("entropy"):
         parts.append("entropy")
     compression = summary.get("compression") or "none"
-    if compression != "none" and summary.get("compression_level") is not None:
+    if compression == "zstd" and summary.get("compression_level") is not None:
         compression = f"{compression} level {summary['compression_level']}"
     token_level = summary["kind"] != "sequence_probs"
     rows = [
@@ -167,7 +169,9 @@ def format_summary(summary: dict[str, Any]) -> str:
         ("format", f"{summary['format']} {summary['format_version']}"),
         ("teacher", _teacher_text(teacher)),
         ("tokenizer", f"{tokenizer.get('name')} (vocab {_num(tokenizer.get('vocab_size'))}, "
-                      f"fingerprint {str(tokenizer.get('fingerprint'))[:16]})"),
+                      f"fingerprint {str(tokenizer.get('fingerprint'))[:16]}"
+                      + (f", vocab fingerprint {tokenizer['vocab_fingerprint'][:12]}"
+                         if tokenizer.get("vocab_fingerprint") else "") + ")"),
         ("layout", ", ".join(parts)),
         ("codec", layout["value_codec"]),
         ("backend", f"{summary['backend']} ({compression})"),

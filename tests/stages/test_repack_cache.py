@@ -141,6 +141,10 @@ def test_refusals(tmp_path, source, corpus, tiny_causal_lm_dir):
     with pytest.raises(IncompatibleCacheError, match="soft_labels"):
         repack_cache(str(source), str(tmp_path / "other"), progress=False)
     assert repack_cache(str(source), str(tmp_path / "other"), overwrite=True, progress=False).shards_written == 3
+    # the storage settings are in the identity twice (as used, and among the config's fields): named once
+    with pytest.raises(IncompatibleCacheError) as caught:
+        repack_cache(str(source), str(tmp_path / "other"), storage={"compression": "lz4"}, progress=False)
+    assert str(caught.value).count("storage.compression") == 1
     assert same_records(source, tmp_path / "other")
 
 
