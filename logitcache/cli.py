@@ -241,7 +241,11 @@ def evaluate(config: str, overrides: tuple[str, ...], as_json: bool, no_progress
 @click.option("--overwrite", is_flag=True, help="Rebuild the cache and retrain the students from scratch.")
 @click.option("--json", "as_json", is_flag=True, help="Print the run summary as JSON at the end.")
 @click.option("--no-progress", is_flag=True, help="Do not draw progress bars.")
-def run(config: str | None, overrides: tuple[str, ...], overwrite: bool, as_json: bool, no_progress: bool) -> None:
+@click.option("--print-config", is_flag=True,
+              help="Print the job's whole config as YAML (without CONFIG: the embedded default) and exit, "
+                   "e.g. as a start for a job of your own.")
+def run(config: str | None, overrides: tuple[str, ...], overwrite: bool, as_json: bool, no_progress: bool,
+        print_config: bool) -> None:
     """Build, train and evaluate in one go: the whole job of CONFIG.
 
     Without CONFIG, runs the embedded default offline under ./runs/demo: the shipped
@@ -254,6 +258,13 @@ def run(config: str | None, overrides: tuple[str, ...], overwrite: bool, as_json
 
     _refuse_torchrun("run")
     cfg = load_config(config, overrides, default=default_job())
+    if print_config:
+        import yaml
+
+        from logitcache.config import config_to_dict
+
+        click.echo(yaml.safe_dump(config_to_dict(cfg), sort_keys=False, allow_unicode=True), nl=False)
+        return
     summary = run_job(cfg, overwrite=overwrite, progress=not no_progress,
                       echo=(lambda text: click.echo(text, err=True)) if as_json else click.echo)
     if as_json:

@@ -187,3 +187,19 @@ def test_stage_one_refuses_to_run_once_per_torchrun_rank(command, tmp_path):
     result = CliRunner().invoke(main, command, env={"WORLD_SIZE": "2"})
     assert result.exit_code == 2
     assert "runs as one process (WORLD_SIZE is 2" in result.output and "executor.kind: dask" in result.output
+
+
+def test_run_prints_its_whole_config_and_runs_nothing(tmp_path, monkeypatch):
+    import yaml
+
+    from logitcache.config import config_from_dict, config_to_dict
+    from logitcache.stages.run_job import default_job
+
+    monkeypatch.chdir(tmp_path)
+    result = run("run", "--print-config", "--set", "train.steps=7")
+    assert result.exit_code == 0, result.output
+    printed = config_from_dict(yaml.safe_load(result.output))
+    assert printed.train.steps == 7 and [s.name for s in printed.students] == [s["name"] for s in
+                                                                                 default_job()["students"]]
+    assert config_to_dict(printed)["soft_labels"] == config_to_dict(config_from_dict(default_job()))["soft_labels"]
+    assert not (tmp_path / "runs").exists()
