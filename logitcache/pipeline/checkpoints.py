@@ -24,6 +24,7 @@ from typing import Any
 import torch
 
 from logitcache.errors import StudentError
+from logitcache.storage_schemas.fingerprint import diff_fields
 
 _STEP_DIR = re.compile(r"^step-(\d{9})$")
 TRAINER_FILE = "trainer.json"
@@ -120,7 +121,7 @@ def check_resumable(checkpoint: Checkpoint, *, digests: dict[str, str], configs:
     changed = sorted(name for name, digest in digests.items() if saved[name].get("config_digest") != digest)
     if changed:
         before = checkpoint.trainer.get("configs", {})  # absent from checkpoints of older versions
-        details = [f"students[{name}]: {_differences(before[name], configs[name])}" for name in changed
+        details = [f"students[{name}]: {', '.join(diff_fields(before[name], configs[name]))}" for name in changed
                    if name in before]
         raise StudentError(
             f"{checkpoint.path}: the config of {', '.join(changed)} changed since this checkpoint"
@@ -132,20 +133,3 @@ def check_resumable(checkpoint: Checkpoint, *, digests: dict[str, str], configs:
             "the learning-rate schedules decay over train.steps, so resuming would make them jump. Keep "
             f"train.steps {saved_steps}, {_AFRESH}; to train a finished student further, start a new run "
             "from its final model (model.path: <output>/<student>/final)")
-
-
-def _differences(before: dict[str, Any], after: dict[str, Any]) -> str:
-    """``key: old -> new`` for each setting that differs, nested keys dotted."""
-    flat_before, flat_after = _flatten(before), _flatten(after)
-    keys = sorted(set(flat_before) | set(flat_after))
-    return ", ".join(f"{key} {flat_before.get(key)!r} -> {flat_after.get(key)!r}" for key in keys
-                     if flat_before.get(key) != flat_after.get(key))
-
-
-def _flatten(value: Any, prefix: str = "") -> dict[str, Any]:
-    if not isinstance(value, dict):
-        return {prefix: value}
-    out: dict[str, Any] = {}
-    for key, inner in value.items():
-        out.update(_flatten(inner, f"{prefix}.{key}" if prefix else str(key)))
-    return out

@@ -178,8 +178,7 @@ def _train(cfg: JobConfig, *, ranks: Ranks, resume: bool, progress: bool) -> Tra
             torch.manual_seed(rank_seed(train.seed, ranks.rank, batches=checkpoint.batches))
         batches = summary.resumed_from = checkpoint.batches
         if progress:
-            at = ", ".join(f"{name} at step {run.step}" for name, run in runs.items())
-            tqdm.write(f"resuming from {checkpoint.path} (batch {batches}: {at})", file=sys.stderr)
+            tqdm.write(f"resuming from {_described(checkpoint)}", file=sys.stderr)
     elif not resume and output.exists() and ranks.is_main:
         for name in runs:
             (output / name / "metrics.jsonl").unlink(missing_ok=True)
@@ -294,10 +293,14 @@ def interrupted_message(cfg: JobConfig) -> str:
                  else "only at the end (train.save_every: 0)")
         return (f"interrupted before the first checkpoint (they are saved {every}); running the same "
                 "command again starts afresh")
+    return f"interrupted; the newest checkpoint is {_described(checkpoint)}; run the same command again to resume from it"
+
+
+def _described(checkpoint: Checkpoint) -> str:
+    """A checkpoint for people: where it is, and how far each student got."""
     steps = ", ".join(f"{name} at step {info.get('step')}"
                       for name, info in checkpoint.trainer.get("students", {}).items())
-    return (f"interrupted; the newest checkpoint is {checkpoint.path} (batch {checkpoint.batches}: {steps}); "
-            "run the same command again to resume from it")
+    return f"{checkpoint.path} (batch {checkpoint.batches}: {steps})"
 
 
 def piece_rows(cfg: JobConfig, index: int, *, length: int) -> int | None:

@@ -352,7 +352,7 @@ def test_resuming_with_other_students_settings_or_steps_is_refused_naming_what_c
         return config_from_dict(data)
 
     train_students(job(), progress=False)
-    with pytest.raises(StudentError, match=r"config of fkl changed .*\(students\[fkl\]: loss\.alpha 0\.7 -> 0\.3\); resume"):
+    with pytest.raises(StudentError, match=r"config of fkl changed .*\(students\[fkl\]: loss\.alpha: 0\.7 -> 0\.3\); resume"):
         train_students(job(alpha=0.3), progress=False)
     with pytest.raises(StudentError, match=r"holds students \['fkl', 'rkl'\], the config lists \['fkl'\]"):
         train_students(job(one_student=True), progress=False)
