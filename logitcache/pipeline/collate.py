@@ -162,13 +162,11 @@ def row_pieces(batch: TokenBatch | SequenceBatch | None, *, rows: int,
     batches differ in size still take the same number of pieces."""
     if piece_rows is None or piece_rows >= rows:
         return [batch]
-    count = -(-rows // piece_rows)
+    starts = range(0, rows, piece_rows)
     if batch is None:
-        return [None] * count
-    have = int(batch.input_ids.shape[0])
-    pieces = [batch.row_slice(i * piece_rows, min(have, (i + 1) * piece_rows)) if i * piece_rows < have else None
-              for i in range(count)]
-    return [None if piece is None or piece.tokens == 0 else piece for piece in pieces]
+        return [None] * len(starts)
+    pieces = (batch.row_slice(start, start + piece_rows) for start in starts)  # past the last row: empty
+    return [piece if piece.tokens else None for piece in pieces]
 
 
 def rows_for(batch_tokens: int, length: int) -> int:
