@@ -88,10 +88,10 @@ from machine import cpu_model  # noqa: E402
 
 import logitcache  # noqa: E402
 from logitcache.config import JobConfig, config_from_dict  # noqa: E402
-from logitcache.pipeline.batches import collate, plan_batches  # noqa: E402
-from logitcache.pipeline.corpus import iter_work_units  # noqa: E402
-from logitcache.pipeline.teacher import Teacher, load_teacher  # noqa: E402
-from logitcache.pipeline.windows import make_windows  # noqa: E402
+from logitcache.pipeline.capture.batches import collate, plan_batches  # noqa: E402
+from logitcache.pipeline.capture.teacher import Teacher, load_teacher  # noqa: E402
+from logitcache.pipeline.common.corpus import iter_work_units  # noqa: E402
+from logitcache.pipeline.common.windows import make_windows  # noqa: E402
 from logitcache.stages.build_cache import BuildSummary, build_cache  # noqa: E402
 from tests.fixtures_models import (  # noqa: E402
     build_tiny_causal_lm,

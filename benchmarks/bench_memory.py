@@ -53,11 +53,11 @@ REPORT_PEAK = ("import atexit, resource, sys\n"
                "atexit.register(lambda: print('MAXRSS', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, "
                "file=sys.stderr, flush=True))\n")
 BUILD = "import sys\nfrom logitcache.cli import main\nmain(args=sys.argv[1:], prog_name='logitcache')\n"
-IMPORTS = "import torch, transformers, logitcache.cli, logitcache.pipeline.dataset, logitcache.pipeline.collate"
+IMPORTS = "import torch, transformers, logitcache.cli, logitcache.pipeline.distill.dataset, logitcache.pipeline.distill.collate"
 READ = """
 import sys
-from logitcache.pipeline.collate import PackedBatches, TokenPacker, rows_for
-from logitcache.pipeline.dataset import CacheDataset
+from logitcache.pipeline.distill.collate import PackedBatches, TokenPacker, rows_for
+from logitcache.pipeline.distill.dataset import CacheDataset
 from logitcache.storage_schemas.shard_reader import CacheReader
 dataset = CacheDataset(sys.argv[1], seed=0, epochs=1, shuffle_buffer=int(sys.argv[2]))
 manifest = CacheReader(sys.argv[1]).manifest

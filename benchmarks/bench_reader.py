@@ -35,7 +35,7 @@ during one epoch: ``CacheReader.read_block`` (wrapped on its class), ``TokenPack
 loop); *to shm* is what a DataLoader worker would add per batch if it packed into ordinary
 memory (``share_memory_()`` on its tensors, as torch's multiprocessing reductions do when a
 worker queues a batch): the cost that ``PackedBatches``' slot ring (reused shared memory,
-``pipeline/shared_batches.py``) saves a worker; *decode*
+``pipeline/distill/shared_batches.py``) saves a worker; *decode*
 is what ``TokenBatch.decoded()`` costs a trainer on the CPU (on a GPU it is a few
 elementwise kernels).
 
@@ -80,13 +80,13 @@ from bench_codecs import encode_block, machine_lines, make_template  # noqa: E40
 from synthetic_topk import SyntheticRecords, make_records  # noqa: E402
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info  # noqa: E402
 
-from logitcache.pipeline.collate import (  # noqa: E402
+from logitcache.pipeline.distill.collate import (  # noqa: E402
     PackedBatches,
     TokenBatch,
     TokenPacker,
     rows_for,
 )
-from logitcache.pipeline.dataset import CacheDataset  # noqa: E402
+from logitcache.pipeline.distill.dataset import CacheDataset  # noqa: E402
 from logitcache.storage_schemas.id_codec import id_type_for_vocab  # noqa: E402
 from logitcache.storage_schemas.layout import RecordLayout  # noqa: E402
 from logitcache.storage_schemas.manifest import Manifest  # noqa: E402

@@ -47,7 +47,7 @@ from bench_reader import (
 )
 from publish import command_line, publish
 
-from logitcache.pipeline.collate import TokenPacker, rows_for
+from logitcache.pipeline.distill.collate import TokenPacker, rows_for
 from logitcache.stages.repack_cache import repack_cache
 from logitcache.storage_schemas.shard_reader import CacheReader
 

@@ -62,9 +62,9 @@ from publish import command_line, publish  # noqa: E402
 
 import logitcache  # noqa: E402
 from logitcache.config import JobConfig, config_from_dict  # noqa: E402
-from logitcache.pipeline.corpus import iter_work_units  # noqa: E402
-from logitcache.pipeline.executor import DaskExecutor, LocalExecutor  # noqa: E402
-from logitcache.pipeline.unit_task import THREADS_ENV, teacher_in_process  # noqa: E402
+from logitcache.pipeline.capture.executor import DaskExecutor, LocalExecutor  # noqa: E402
+from logitcache.pipeline.capture.unit_task import THREADS_ENV, teacher_in_process  # noqa: E402
+from logitcache.pipeline.common.corpus import iter_work_units  # noqa: E402
 from logitcache.stages.build_cache import build_cache  # noqa: E402
 from logitcache.storage_schemas.shard_reader import CacheReader  # noqa: E402
 from tests.fixtures_models import build_tiny_causal_lm, build_tiny_tokenizer  # noqa: E402

@@ -106,12 +106,13 @@ from synthetic_language import (  # noqa: E402
 import logitcache  # noqa: E402
 import logitcache.stages.train_students as train_stage  # noqa: E402
 from logitcache.config import JobConfig, StudentConfig, config_from_dict  # noqa: E402
-from logitcache.pipeline.collate import TokenPacker, rows_for  # noqa: E402
-from logitcache.pipeline.dataset import CacheDataset  # noqa: E402
-from logitcache.pipeline.losses import dense_distillation_loss  # noqa: E402
-from logitcache.pipeline.students import Student, build_student, cache_pad_id  # noqa: E402
-from logitcache.pipeline.teacher import base_model_of, load_teacher  # noqa: E402
-from logitcache.pipeline.training import lr_factor, make_optimizer  # noqa: E402
+from logitcache.pipeline.capture.teacher import load_teacher  # noqa: E402
+from logitcache.pipeline.common.hf_models import base_model_of  # noqa: E402
+from logitcache.pipeline.distill.collate import TokenPacker, rows_for  # noqa: E402
+from logitcache.pipeline.distill.dataset import CacheDataset  # noqa: E402
+from logitcache.pipeline.distill.losses import dense_distillation_loss  # noqa: E402
+from logitcache.pipeline.distill.students import Student, build_student, cache_pad_id  # noqa: E402
+from logitcache.pipeline.distill.training import lr_factor, make_optimizer  # noqa: E402
 from logitcache.stages.build_cache import build_cache  # noqa: E402
 from logitcache.stages.evaluate import evaluate_students  # noqa: E402
 from logitcache.stages.train_students import train_students  # noqa: E402

@@ -33,6 +33,7 @@ from typing import Any, Literal
 import yaml
 
 from logitcache.errors import ConfigError
+from logitcache.storage_schemas.storage_settings import StorageSettings
 
 __all__ = [
     "CorpusConfig", "TeacherConfig", "WindowsConfig", "SoftLabelsConfig", "StorageConfig",
@@ -261,11 +262,15 @@ class SoftLabelsConfig(_Section):
 class StorageConfig(_Section):
     """How shards are laid out on disk."""
 
-    backend: Literal["parquet", "zarr"] = "parquet"  # Shard file format.
-    compression: Literal["zstd", "lz4", "none"] = "zstd"  # Compression codec of the shards: zstd is smallest, lz4 faster to read.
-    compression_level: int = _field(3, ge=1, le=22)  # zstd level (lz4 has none).
-    row_group_tokens: int = _field(262144, ge=1)  # Parquet row groups are cut at about this many tokens.
-    chunk_tokens: int = _field(16384, ge=1)  # Zarr inner chunk length in tokens.
+    backend: Literal["parquet", "zarr"] = StorageSettings.backend  # Shard file format.
+    compression: Literal["zstd", "lz4", "none"] = StorageSettings.compression  # Compression codec of the shards: zstd is smallest, lz4 faster to read.
+    compression_level: int = _field(StorageSettings.compression_level, ge=1, le=22)  # zstd level (lz4 has none).
+    row_group_tokens: int = _field(StorageSettings.row_group_tokens, ge=1)  # Parquet row groups are cut at about this many tokens.
+    chunk_tokens: int = _field(StorageSettings.chunk_tokens, ge=1)  # Zarr inner chunk length in tokens.
+
+    def settings(self) -> StorageSettings:
+        """These settings as the storage layer takes them."""
+        return StorageSettings(**dataclasses.asdict(self))
 
 
 @dataclass(kw_only=True)

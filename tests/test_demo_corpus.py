@@ -95,8 +95,8 @@ def test_total_size_small():
 def test_the_held_out_file_is_the_eval_split_of_the_default_job():
     import numpy as np
 
-    from logitcache.pipeline.dataset import is_held_out
-    from logitcache.pipeline.windows import record_id_for
+    from logitcache.pipeline.common.splits import is_held_out
+    from logitcache.pipeline.common.windows import record_id_for
     from logitcache.stages.run_job import default_job
 
     fraction = default_job()["eval"]["held_out_fraction"]

@@ -34,17 +34,17 @@ from tqdm.auto import tqdm
 
 from logitcache.config import JobConfig, config_fingerprint_fields, config_to_dict
 from logitcache.errors import ConfigError, CorpusError, IncompatibleCacheError, LogitcacheError
-from logitcache.pipeline.committer import BackgroundCommitter
-from logitcache.pipeline.corpus import (
+from logitcache.pipeline.capture.executor import Executor, make_executor
+from logitcache.pipeline.capture.soft_labels import SoftLabelSpec
+from logitcache.pipeline.capture.unit_task import TeacherFacts, UnitTask
+from logitcache.pipeline.common.committer import BackgroundCommitter
+from logitcache.pipeline.common.corpus import (
     WorkUnit,
     describe_corpus,
     estimate_units,
     iter_work_units,
     resolve_sources,
 )
-from logitcache.pipeline.executor import Executor, make_executor
-from logitcache.pipeline.soft_labels import SoftLabelSpec
-from logitcache.pipeline.unit_task import TeacherFacts, UnitTask
 from logitcache.storage_schemas.id_codec import id_type_for_vocab
 from logitcache.storage_schemas.layout import RecordLayout
 from logitcache.storage_schemas.lock import CacheLock

@@ -24,7 +24,8 @@ from tqdm.auto import tqdm
 
 from logitcache.config import JobConfig, StudentModelConfig
 from logitcache.errors import StudentError
-from logitcache.pipeline.collate import (
+from logitcache.pipeline.common.hf_models import resolve_device
+from logitcache.pipeline.distill.collate import (
     SequenceBatch,
     SequencePacker,
     TokenBatch,
@@ -32,13 +33,21 @@ from logitcache.pipeline.collate import (
     row_pieces,
     rows_for,
 )
-from logitcache.pipeline.dataset import CacheDataset
-from logitcache.pipeline.metrics import ClassificationMetrics, LanguageMetrics, token_metrics
-from logitcache.pipeline.report import read_metrics_jsonl, write_report
-from logitcache.pipeline.shard_checks import find_corrupt_shards, warn_skipped
-from logitcache.pipeline.students import Student, build_student, describe_student, shared_pad_id
-from logitcache.pipeline.teacher import resolve_device
-from logitcache.pipeline.training import StudentTexts, student_class_logits
+from logitcache.pipeline.distill.dataset import CacheDataset
+from logitcache.pipeline.distill.metrics import (
+    ClassificationMetrics,
+    LanguageMetrics,
+    token_metrics,
+)
+from logitcache.pipeline.distill.report import read_metrics_jsonl, write_report
+from logitcache.pipeline.distill.shard_checks import find_corrupt_shards, warn_skipped
+from logitcache.pipeline.distill.students import (
+    Student,
+    build_student,
+    describe_student,
+    shared_pad_id,
+)
+from logitcache.pipeline.distill.training import StudentTexts, student_class_logits
 from logitcache.storage_schemas.shard_reader import CacheReader
 
 

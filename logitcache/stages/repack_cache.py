@@ -37,7 +37,7 @@ from tqdm.auto import tqdm
 
 from logitcache.config import StorageConfig, config_to_dict
 from logitcache.errors import ConfigError, IncompatibleCacheError
-from logitcache.pipeline.committer import BackgroundCommitter
+from logitcache.pipeline.common.committer import BackgroundCommitter
 from logitcache.storage_schemas.location import CacheLocation
 from logitcache.storage_schemas.lock import CacheLock
 from logitcache.storage_schemas.manifest import FORMAT_VERSION, Manifest, ShardEntry

@@ -17,7 +17,7 @@ from importlib import resources
 from typing import Any
 
 from logitcache.config import JobConfig
-from logitcache.pipeline.demo_teacher import DemoTeacherResult, prepare_demo_teacher
+from logitcache.pipeline.capture.demo_teacher import DemoTeacherResult, prepare_demo_teacher
 from logitcache.stages.build_cache import BuildSummary, build_cache
 from logitcache.stages.train_students import TrainSummary, train_students
 

@@ -21,10 +21,10 @@ A shard whose bytes no longer match the manifest never reaches a student: by def
 reader checks each shard's sha256 before its first block and stops the run naming it;
 ``train.on_corrupt_shard: skip`` checks every shard up front instead and trains and
 evaluates without the bad ones, naming them in a warning and counting them in the metrics
-(see :mod:`logitcache.pipeline.shard_checks`).
+(see :mod:`logitcache.pipeline.distill.shard_checks`).
 
 Under torchrun (``torchrun --nproc_per_node=N -m logitcache train CONFIG``) the same recipe
-runs on every rank (see :mod:`logitcache.pipeline.distributed`): the students start from
+runs on every rank (see :mod:`logitcache.pipeline.distill.distributed`): the students start from
 rank 0's weights, each rank reads its own windows of the cache, every step trains on the
 union of the ranks' batches (gradients summed over ranks), and the ranks stop together when
 all of them run dry. Rank 0 alone logs, draws bars, evaluates and writes checkpoints (with
@@ -48,21 +48,30 @@ from tqdm.auto import tqdm
 
 from logitcache.config import JobConfig, config_to_dict
 from logitcache.errors import ConfigError, CorruptShardError, StudentError
-from logitcache.pipeline.checkpoints import (
+from logitcache.pipeline.common.corpus import paired_texts
+from logitcache.pipeline.common.windows import record_id_for, tokenize
+from logitcache.pipeline.distill.checkpoints import (
     Checkpoint,
     CheckpointStore,
     check_resumable,
     restore_rng,
 )
-from logitcache.pipeline.collate import PackedBatches, SequencePacker, TokenPacker, rows_for
-from logitcache.pipeline.corpus import paired_texts
-from logitcache.pipeline.dataset import CacheDataset
-from logitcache.pipeline.distributed import Ranks, data_parallel, rank_seed
-from logitcache.pipeline.losses import check_loss_supported
-from logitcache.pipeline.shard_checks import find_corrupt_shards, unwrap_worker_error, warn_skipped
-from logitcache.pipeline.students import Student, build_student, config_digest, shared_pad_id
-from logitcache.pipeline.training import StudentRun, StudentTexts
-from logitcache.pipeline.windows import record_id_for, tokenize
+from logitcache.pipeline.distill.collate import PackedBatches, SequencePacker, TokenPacker, rows_for
+from logitcache.pipeline.distill.dataset import CacheDataset
+from logitcache.pipeline.distill.distributed import Ranks, data_parallel, rank_seed
+from logitcache.pipeline.distill.losses import check_loss_supported
+from logitcache.pipeline.distill.shard_checks import (
+    find_corrupt_shards,
+    unwrap_worker_error,
+    warn_skipped,
+)
+from logitcache.pipeline.distill.students import (
+    Student,
+    build_student,
+    config_digest,
+    shared_pad_id,
+)
+from logitcache.pipeline.distill.training import StudentRun, StudentTexts
 from logitcache.stages.evaluate import evaluate_students, write_students_report
 from logitcache.storage_schemas.shard_reader import CacheReader
 

@@ -11,12 +11,12 @@ from typing import Protocol
 
 import pyarrow as pa
 
-from logitcache.config import StorageConfig
 from logitcache.errors import CacheFormatError
 from logitcache.storage_schemas.layout import RecordLayout
 from logitcache.storage_schemas.location import CacheLocation
 from logitcache.storage_schemas.parquet_backend import ParquetBackend
 from logitcache.storage_schemas.records import RecordBlock
+from logitcache.storage_schemas.storage_settings import StorageSettings
 from logitcache.storage_schemas.zarr_backend import ZarrBackend
 
 
@@ -26,7 +26,7 @@ class ShardBackend(Protocol):
 
     def write(
         self, location: CacheLocation, rel: str, block: RecordBlock, *,
-        layout: RecordLayout, storage: StorageConfig, metadata: dict[str, str],
+        layout: RecordLayout, storage: StorageSettings, metadata: dict[str, str],
     ) -> int: ...
 
     def num_blocks(self, location: CacheLocation, rel: str) -> int: ...

@@ -28,7 +28,6 @@ from contextlib import contextmanager
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from logitcache.config import StorageConfig
 from logitcache.errors import CacheFormatError
 from logitcache.storage_schemas.layout import RecordLayout
 from logitcache.storage_schemas.location import CacheLocation
@@ -38,6 +37,7 @@ from logitcache.storage_schemas.records import (
     block_to_table,
     table_to_block,
 )
+from logitcache.storage_schemas.storage_settings import StorageSettings
 
 METADATA_PREFIX = "logitcache."
 
@@ -88,7 +88,7 @@ class ParquetBackend:
 
     def write(
         self, location: CacheLocation, rel: str, block: RecordBlock, *,
-        layout: RecordLayout, storage: StorageConfig, metadata: dict[str, str],
+        layout: RecordLayout, storage: StorageSettings, metadata: dict[str, str],
     ) -> int:
         """Write ``block`` to ``rel``; return the number of row groups written."""
         table = block_to_table(block, layout, position_rows=position_row_columns(layout, storage.compression))

@@ -33,7 +33,6 @@ import re
 import time
 from typing import Any
 
-from logitcache.config import StorageConfig
 from logitcache.errors import CacheWriteError, IncompatibleCacheError
 from logitcache.storage_schemas.backends import get_backend
 from logitcache.storage_schemas.fingerprint import diff_fields, fingerprint
@@ -48,6 +47,7 @@ from logitcache.storage_schemas.manifest import (
     cache_identity,
 )
 from logitcache.storage_schemas.records import RecordBlock
+from logitcache.storage_schemas.storage_settings import StorageSettings
 
 _UNIT_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 
@@ -107,7 +107,7 @@ class ShardWriter:
     def __init__(self, url: str, *, template: Manifest, overwrite: bool = False) -> None:
         self.location = CacheLocation(url)
         self.backend = get_backend(template.backend)
-        self.storage = StorageConfig(**template.storage)
+        self.storage = StorageSettings.from_manifest(template.storage)
         fresh = copy.deepcopy(template)
         fresh.shards = []
         fresh.config_fingerprint = fingerprint(cache_identity(fresh))

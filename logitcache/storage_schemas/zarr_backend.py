@@ -59,12 +59,12 @@ import zarr.storage
 from zarr.codecs import BloscCodec, ZstdCodec
 from zarr.core.sync import sync as zarr_sync
 
-from logitcache.config import StorageConfig
 from logitcache.errors import CacheFormatError
 from logitcache.storage_schemas.layout import SAMPLE_COUNT_TYPE, RecordLayout
 from logitcache.storage_schemas.location import CacheLocation
 from logitcache.storage_schemas.mapped_store import MappedLocalStore
 from logitcache.storage_schemas.records import RecordBlock, block_cuts
+from logitcache.storage_schemas.storage_settings import StorageSettings
 
 ATTRS_KEY = "logitcache"
 FORMAT_NAME = "logitcache-zarr-shard"
@@ -166,7 +166,7 @@ def _run(coro: Coroutine[Any, Any, T]) -> T:
 BLOSC_LZ4_LEVEL = 5  # Blosc's own default
 
 
-def _compressors(dtype: np.dtype, storage: StorageConfig) -> list | None:
+def _compressors(dtype: np.dtype, storage: StorageSettings) -> list | None:
     """zstd; for multi-byte numbers behind a byte shuffle (Blosc), which groups the bytes of
     equal significance as Parquet's BYTE_STREAM_SPLIT does: uint32 ids of a 150k vocabulary
     shrank from 131.7 to 110.8 bytes/token at k=64 in our measurements. lz4 goes through
@@ -184,7 +184,7 @@ def _compressors(dtype: np.dtype, storage: StorageConfig) -> list | None:
 
 
 async def _write_group(store, arrays: dict[str, np.ndarray], names: list[str],
-                       attributes: dict, storage: StorageConfig) -> None:
+                       attributes: dict, storage: StorageSettings) -> None:
     group = await zarr.api.asynchronous.group(store=store, overwrite=True, attributes=attributes,
                                               zarr_format=3)
 
@@ -338,7 +338,7 @@ class ZarrBackend:
 
     def write(
         self, location: CacheLocation, rel: str, block: RecordBlock, *,
-        layout: RecordLayout, storage: StorageConfig, metadata: dict[str, str],
+        layout: RecordLayout, storage: StorageSettings, metadata: dict[str, str],
     ) -> int:
         """Write ``block`` as a Zarr group at ``rel``; return the number of blocks."""
         block.validate(layout)

@@ -51,7 +51,7 @@ from transformers import (  # noqa: F401
 )
 
 import logitcache.cli
-import logitcache.pipeline.report  # noqa: F401
+import logitcache.pipeline.distill.report  # noqa: F401
 import logitcache.stages.build_cache  # noqa: F401
 import logitcache.stages.train_students  # noqa: F401
 

@@ -149,7 +149,7 @@ def test_empty_documents_are_skipped_and_counted(tmp_path, multilingual_texts, t
 def test_a_10_mb_document_is_cut_into_windows(tmp_path):
     from transformers import AutoTokenizer
 
-    from logitcache.pipeline.windows import window_spans
+    from logitcache.pipeline.common.windows import window_spans
 
     # A teacher whose tokenizer has one token per 103-byte word keeps the forward pass over
     # 10 MB at ~100k tokens (seconds on 2 cores); the reading, tokenising and windowing of a

@@ -38,15 +38,15 @@ UNITS = 6  # 2 corpus files x 25 documents, 10 documents per unit
 
 #: (phase, target, when, match, kills): the build's kill points
 BUILD_KILLS = [
-    ("tokenize", "logitcache.pipeline.windows:tokenize", "before", None, 1),
-    ("forward", "logitcache.pipeline.teacher:Teacher.hidden_states", "before", None, 2),
+    ("tokenize", "logitcache.pipeline.common.windows:tokenize", "before", None, 1),
+    ("forward", "logitcache.pipeline.capture.teacher:Teacher.hidden_states", "before", None, 2),
     ("encode", "logitcache.storage_schemas.value_codecs:ValueCodec.encode", "before", None, 1),
     ("write", "logitcache.storage_schemas.parquet_backend:ParquetBackend.write", "after", None, 2),
     ("rename", "logitcache.storage_schemas.location:CacheLocation.rename", "after", None, 2),
     ("manifest", "logitcache.storage_schemas.manifest:Manifest.save", "before", None, 2),
     ("manifest", "logitcache.storage_schemas.manifest:Manifest.save", "after", None, 1),
     ("manifest-rename", "os:replace", "before", "manifest.json", 1),  # temp manifest written, not renamed
-    ("committer", "logitcache.pipeline.committer:BackgroundCommitter._commit", "before", None, 1),
+    ("committer", "logitcache.pipeline.common.committer:BackgroundCommitter._commit", "before", None, 1),
     ("stats", "logitcache.storage_schemas.shard_writer:ShardWriter.update_stats", "before", None, 1),
     ("lock", "logitcache.storage_schemas.lock:CacheLock._create", "after", None, 1),
 ]
@@ -54,9 +54,9 @@ TIMED_KILLS = 2
 
 #: the training run's kill points
 TRAIN_KILLS = [
-    ("step", "logitcache.pipeline.training:StudentRun.train_on", "before", None, 2),
-    ("checkpoint", "logitcache.pipeline.students:Student.save", "after", None, 2),  # between a checkpoint's files
-    ("checkpoint-prune", "logitcache.pipeline.checkpoints:CheckpointStore._prune", "before", None, 1),
+    ("step", "logitcache.pipeline.distill.training:StudentRun.train_on", "before", None, 2),
+    ("checkpoint", "logitcache.pipeline.distill.students:Student.save", "after", None, 2),  # between a checkpoint's files
+    ("checkpoint-prune", "logitcache.pipeline.distill.checkpoints:CheckpointStore._prune", "before", None, 1),
     ("metrics-row", "logitcache.stages.train_students:_log", "after", None, 1),
     ("metrics-torn", "logitcache.stages.train_students:_log", "torn", None, 1),
 ]

@@ -13,7 +13,7 @@ import torch
 from click.testing import CliRunner
 
 from logitcache.cli import main
-from logitcache.pipeline.teacher import Teacher
+from logitcache.pipeline.capture.teacher import Teacher
 from logitcache.stages.build_cache import build_cache
 from logitcache.storage_schemas.shard_reader import CacheReader
 from tests.reliability.test_storage_faults import _records

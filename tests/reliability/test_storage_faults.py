@@ -23,7 +23,7 @@ from click.testing import CliRunner
 from logitcache.cli import main
 from logitcache.config import config_to_dict
 from logitcache.errors import CacheWriteError
-from logitcache.pipeline.committer import BackgroundCommitter
+from logitcache.pipeline.common.committer import BackgroundCommitter
 from logitcache.storage_schemas.location import CacheLocation
 from logitcache.storage_schemas.parquet_backend import ParquetBackend
 from logitcache.storage_schemas.records import RecordBlock

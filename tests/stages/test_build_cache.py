@@ -15,7 +15,7 @@ import yaml
 
 from logitcache.config import config_from_dict
 from logitcache.errors import IncompatibleCacheError
-from logitcache.pipeline.teacher import load_teacher
+from logitcache.pipeline.capture.teacher import load_teacher
 from logitcache.stages.build_cache import build_cache
 from logitcache.storage_schemas.records import RecordBlock
 from logitcache.storage_schemas.shard_reader import CacheReader

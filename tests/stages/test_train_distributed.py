@@ -24,10 +24,10 @@ import yaml
 from safetensors.torch import load_file
 
 from logitcache.config import JobConfig, config_from_dict
-from logitcache.pipeline.collate import TokenBatch
-from logitcache.pipeline.dataset import CacheDataset
-from logitcache.pipeline.students import build_student
-from logitcache.pipeline.training import StudentRun
+from logitcache.pipeline.distill.collate import TokenBatch
+from logitcache.pipeline.distill.dataset import CacheDataset
+from logitcache.pipeline.distill.students import build_student
+from logitcache.pipeline.distill.training import StudentRun
 from logitcache.stages.build_cache import build_cache
 from logitcache.stages.train_students import train_students
 from logitcache.storage_schemas.shard_reader import CacheReader

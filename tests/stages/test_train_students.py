@@ -113,13 +113,13 @@ def test_an_interrupted_run_resumes_exactly(tmp_path, topk_cache, corpus_dir, ti
     # take up the turn where the checkpoint left it, not at the first worker again
     train = {"save_every": 3, "num_workers": workers, "shuffle_buffer": 16}
     straight = config_from_dict(job_data(topk_cache, corpus_dir, tiny_causal_lm_dir, tmp_path / "a", train=train))
-    from logitcache.pipeline.dataset import CacheDataset
+    from logitcache.pipeline.distill.dataset import CacheDataset
 
     assert CacheDataset(topk_cache, shuffle_buffer=16)._num_windows >= 2 * max(workers, 1)
     train_students(straight, progress=False)
 
     resumed = config_from_dict(job_data(topk_cache, corpus_dir, tiny_causal_lm_dir, tmp_path / "b", train=train))
-    from logitcache.pipeline import training
+    from logitcache.pipeline.distill import training
 
     calls = {"n": 0}
     original = training.StudentRun.train_on
@@ -185,7 +185,7 @@ def test_a_run_killed_between_micro_batches_resumes_exactly(tmp_path, topk_cache
         return config_from_dict(data)
 
     train_students(job(tmp_path / "a"), progress=False)
-    from logitcache.pipeline import training
+    from logitcache.pipeline.distill import training
 
     calls = {"n": 0}
     original = training.StudentRun.train_on
@@ -314,7 +314,7 @@ def test_batches_are_pinned_on_a_gpu_unless_turned_off_and_never_on_the_cpu():
 
 def test_a_student_is_evaluated_in_micro_batches_of_its_size_with_the_same_results(tmp_path, topk_cache, corpus_dir,
                                                                                   tiny_causal_lm_dir, monkeypatch):
-    from logitcache.pipeline.students import build_student
+    from logitcache.pipeline.distill.students import build_student
     from logitcache.stages import evaluate
 
     data = job_data(topk_cache, corpus_dir, tiny_causal_lm_dir, tmp_path / "out")

@@ -10,7 +10,7 @@ import fsspec
 import pytest
 
 from logitcache.config import config_from_dict
-from logitcache.pipeline.dataset import CacheDataset
+from logitcache.pipeline.distill.dataset import CacheDataset
 from logitcache.stages.build_cache import build_cache
 from logitcache.stages.train_students import train_students
 from logitcache.storage_schemas.location import CacheLocation

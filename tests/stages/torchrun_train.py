@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from logitcache.config import JobConfig, load_config
-from logitcache.pipeline import training
+from logitcache.pipeline.distill import training
 from logitcache.stages.train_students import TrainSummary, train_students
 
 

@@ -7,11 +7,11 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from logitcache.config import StorageConfig
 from logitcache.storage_schemas.backends import get_backend
 from logitcache.storage_schemas.layout import KINDS
 from logitcache.storage_schemas.location import CacheLocation
 from logitcache.storage_schemas.records import block_cuts
+from logitcache.storage_schemas.storage_settings import StorageSettings
 from logitcache.storage_schemas.value_codecs import value_codec_names
 from tests.factories import make_block, make_layout
 
@@ -23,7 +23,7 @@ def write_both(location, block, layout, **storage):
     out = {}
     for name in ("parquet", "zarr"):
         backend = get_backend(name)
-        cfg = StorageConfig(backend=name, **storage)
+        cfg = StorageSettings(backend=name, **storage)
         rel = f"part-u7{backend.extension}"
         out[name] = rel, backend.write(location, rel, block, layout=layout, storage=cfg, metadata=METADATA)
     return out

@@ -6,11 +6,11 @@ import uuid
 import pyarrow.parquet as pq
 import pytest
 
-from logitcache.config import StorageConfig
 from logitcache.errors import CacheFormatError
 from logitcache.storage_schemas.location import CacheLocation
 from logitcache.storage_schemas.parquet_backend import ParquetBackend
 from logitcache.storage_schemas.records import block_cuts
+from logitcache.storage_schemas.storage_settings import StorageSettings
 from tests.factories import make_block, make_layout
 
 REL = "part-u0.parquet"
@@ -18,7 +18,7 @@ ROW_GROUP_TOKENS = 16
 
 
 def write(location, block, layout, *, compression="zstd"):
-    storage = StorageConfig(backend="parquet", row_group_tokens=ROW_GROUP_TOKENS, compression=compression)
+    storage = StorageSettings(backend="parquet", row_group_tokens=ROW_GROUP_TOKENS, compression=compression)
     return ParquetBackend().write(location, REL, block, layout=layout, storage=storage,
                                   metadata={"config_fingerprint": "fp", "unit_id": "u0"})
 

@@ -7,13 +7,13 @@ import pytest
 import zarr
 import zarr.storage
 
-from logitcache.config import StorageConfig
 from logitcache.errors import CacheFormatError
 from logitcache.storage_schemas.backends import get_backend
 from logitcache.storage_schemas.layout import KINDS
 from logitcache.storage_schemas.location import CacheLocation
 from logitcache.storage_schemas.mapped_store import MappedLocalStore
 from logitcache.storage_schemas.records import RecordBlock, block_cuts
+from logitcache.storage_schemas.storage_settings import StorageSettings
 from logitcache.storage_schemas.value_codecs import value_codec_names
 from logitcache.storage_schemas.zarr_backend import ZarrBackend, array_names
 from tests.factories import make_block, make_layout
@@ -22,8 +22,8 @@ REL = "shards/part-u0.zarr"
 METADATA = {"config_fingerprint": "fp-123", "unit_id": "u0"}
 
 
-def storage(**kw) -> StorageConfig:
-    return StorageConfig(**{"backend": "zarr", "row_group_tokens": 16, "chunk_tokens": 8, **kw})
+def storage(**kw) -> StorageSettings:
+    return StorageSettings(**{"backend": "zarr", "row_group_tokens": 16, "chunk_tokens": 8, **kw})
 
 
 def write(location, block, layout, cfg=None, rel=REL):

@@ -1,0 +1,2 @@
+"""Pipeline parts both stages use: the corpus, windows, the held-out split, model helpers,
+and the background committer that stage one and ``repack`` write shards through."""
