@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
-# Wheels of what logitcache needs beyond a lent GPU machine's image (it has torch, transformers,
-# tokenizers, numpy, pandas, fsspec, huggingface-hub, xxhash, click, pyyaml, tqdm, matplotlib and
-# pyarrow and pytest, but no datasets or zarr, and no network), for Python 3.12 on x86-64, at the
-# versions of this checkout's .venv, saved into .whl/ (ignored by git; carried to the machine with
-# carry: [".whl"]). pyarrow's wheel (about 50 MB) alone nearly fills a call's 64 MiB, so it is
-# fetched only with --with-pyarrow, for an image whose pyarrow is older than datasets needs.
-# How to use them there: benchmarks/README.md, "On a lent GPU".
+# Wheels of what logitcache needs beyond a GPU machine without network access whose Python has
+# torch, transformers, tokenizers, numpy, pandas, fsspec, huggingface-hub, xxhash, click, pyyaml,
+# tqdm, matplotlib, pyarrow and pytest but no datasets or zarr: for Python 3.12 on x86-64, at the
+# versions of this checkout's .venv, saved into .whl/ (ignored by git; copy it to the GPU machine
+# with the checkout). pyarrow's wheel is about 50 MB, so it is fetched only with --with-pyarrow,
+# for a machine whose pyarrow is older than datasets needs.
+# How to use them there: benchmarks/README.md, "On a GPU machine".
 set -euo pipefail
 cd "$(dirname "$0")/.."
 python=.venv/bin/python

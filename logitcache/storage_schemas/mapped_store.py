@@ -3,7 +3,7 @@
 zarr's ``LocalStore`` reads every chunk into a new ``bytes`` object. A chunk is megabytes,
 so glibc serves each with fresh pages from the kernel, which faults them in and zeroes
 them on every read: at k=64 that was 80% of the page faults of a Zarr reader and about 40%
-of its CPU time (BENCHMARKS.md, "Memory-mapped Zarr shards"). This store maps the file
+of its CPU time (BENCHMARKS.md, "Choices measured"). This store maps the file
 instead and returns a zero-copy view of the bytes asked for, so the codecs decode straight
 from the page cache. The view keeps its mapping alive; nothing is ever written through it.
 

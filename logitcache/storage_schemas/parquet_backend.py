@@ -119,7 +119,7 @@ class ParquetBackend:
         A local shard is memory-mapped: Arrow then decodes straight from the page cache.
         Through a Python file object (what fsspec gives) each read is copied into a new
         ``bytes`` object first; at k=64 the kernel's page faults for those took about 40%
-        of the reader's CPU time (BENCHMARKS.md, "Memory-mapped Parquet shards and lz4").
+        of the reader's CPU time (BENCHMARKS.md, "Choices measured").
         Shards are never written in place after commit (only removed, or replaced by a
         rename), so a mapping cannot see a file shrink under it."""
         try:
