@@ -16,16 +16,20 @@ Teacher, ``token_topk`` caches
 
     ``tail="bucket"``: both distributions are coarse-grained to k+1 outcomes (the k cached ids
     and one "tail" outcome). The student's tail is ``log q_tail = logsumexp(z_notk / T) -
-    logsumexp(z / T)``, computed in log space so it never cancels. The teacher is tempered
-    over those k+1 outcomes, ``p_T ∝ p^(1/T)`` with the tail as one outcome of probability
-    ``r``. This is exact at T=1, and exact at any T when k equals the vocabulary (there is
-    then no tail); otherwise it is an approximation (tempering the whole tail would need its
-    individual probabilities). With k == V the tail outcome is dropped: it is rounding
-    error only, and the student has no mass there. With k < V the teacher tail is raised
-    to at least ``TAIL_FLOOR`` = 1e-7 and the k+1 outcomes renormalised: a tail decoded as
-    0 (quantised top-k values that round up to sum to 1 or more, see the ``q8`` codec) is
-    really small but positive, and 1e-7 is below the float32 rounding of a top-k sum; the
-    renormalisation also scales an over-unity top-k back to a distribution.
+    logsumexp(z / T)``, computed in log space so it never cancels, and clamped to at most 0
+    (rounding) and at least the log of the dtype's smallest normal number (-87.3 in float32),
+    so a student tail that underflows gives a large finite divergence, not infinity. The
+    teacher is tempered over those k+1 outcomes, ``p_T ∝ p^(1/T)`` with the tail as one
+    outcome of probability ``r``. This is exact at T=1, and exact at any T when k equals the
+    vocabulary (there is then no tail); otherwise it is an approximation (tempering the whole
+    tail would need its individual probabilities). With k == V the tail outcome is dropped:
+    it is rounding error only, and the student has no mass there. With k < V the teacher tail
+    is raised to at least ``TAIL_FLOOR`` = 1e-7 and the k+1 outcomes renormalised: a tail
+    decoded as 0 (quantised top-k values that round up to sum to 1 or more, see the ``q8``
+    codec) is really small but positive, and 1e-7 is below the float32 rounding of a top-k
+    sum; the renormalisation also scales an over-unity top-k back to a distribution.
+    Evaluation's KL to the teacher (:func:`~logitcache.pipeline.distill.metrics.token_metrics`)
+    is this ``forward_kl`` at T=1, computed by :func:`sparse_divergence` too.
 
     ``tail="renormalize"``: both distributions restricted to the k ids and renormalised (the
     teacher tempered over them: ``log_softmax(topk_logprobs / T)``).
