@@ -34,6 +34,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from logitcache.pipeline.common.padding import right_pad
 from logitcache.pipeline.distill.dataset import round_robin
 from logitcache.pipeline.distill.shared_batches import ArraySpec, SlotRing, new_arrays
 from logitcache.pipeline.distill.stored_topk import StoredTopK, id_bits, widen_topk
@@ -334,7 +335,7 @@ class SequencePacker:
             yield self.collate(pending)
 
     def collate(self, records: Sequence[Any]) -> SequenceBatch:
-        input_ids, attention_mask = pad_sequences([r.input_ids for r in records], pad_id=self.pad_id)
+        input_ids, attention_mask = right_pad([r.input_ids for r in records], pad_id=self.pad_id)
         return SequenceBatch(
             input_ids=input_ids, attention_mask=attention_mask,
             class_logprobs=torch.from_numpy(np.stack([r.class_logprobs for r in records]).astype(np.float32)),
@@ -343,17 +344,6 @@ class SequencePacker:
             langs=[r.lang for r in records], cursors=[tuple(r.cursor) for r in records],
             tokens=int(attention_mask.sum()), row_tokens=attention_mask.sum(1).numpy(),
         )
-
-
-def pad_sequences(sequences: Sequence[Sequence[int] | np.ndarray], *, pad_id: int) -> tuple[Tensor, Tensor]:
-    """Right-pad token id sequences into ``input_ids`` and ``attention_mask`` ``[B, max_len]``."""
-    width = max(1, max((len(s) for s in sequences), default=1))
-    input_ids = np.full((len(sequences), width), pad_id, dtype=np.int64)
-    attention_mask = np.zeros((len(sequences), width), dtype=np.int64)
-    for row, ids in enumerate(sequences):
-        input_ids[row, :len(ids)] = ids
-        attention_mask[row, :len(ids)] = 1
-    return torch.from_numpy(input_ids), torch.from_numpy(attention_mask)
 
 
 class PackedBatches(torch.utils.data.IterableDataset):
