@@ -11,9 +11,9 @@ let one record attend to another. Everything is a fixed shape, ``[B, L]`` and
 
 Per slot the batch says whether it has a teacher label (``label_mask``: a labelled position
 of a record, not left context, not padding) and the hard next-token target
-(``hard_targets``: the record's next token at labelled positions, -100 at a record's last
-token, on context and on padding). Top-k ids and float32 log-probs are ``[B, L, k]``;
-sampled ids and counts are ``[B, L, S]`` padded with count 0.
+(``hard_targets``: the record's next token at labelled positions, ``IGNORE_INDEX`` = -100 at
+a record's last token, on context and on padding). Top-k ids and float32 log-probs are
+``[B, L, k]``; sampled ids and counts are ``[B, L, S]`` padded with count 0.
 
 A packer made with ``decode=False`` leaves the top-k in the cache's stored types (id bits
 and codec values, see :mod:`~logitcache.pipeline.distill.stored_topk`): a quarter of the bytes to
@@ -36,11 +36,10 @@ from torch import Tensor
 
 from logitcache.pipeline.common.padding import right_pad
 from logitcache.pipeline.distill.dataset import round_robin
+from logitcache.pipeline.distill.losses import IGNORE_INDEX
 from logitcache.pipeline.distill.shared_batches import ArraySpec, SlotRing, new_arrays
 from logitcache.pipeline.distill.stored_topk import StoredTopK, id_bits, widen_topk
 from logitcache.storage_schemas.layout import RecordLayout
-
-IGNORE_INDEX = -100
 
 
 @dataclass(kw_only=True)

@@ -53,7 +53,8 @@ Sampled caches (unbiased estimator of "Sparse Logit Sampling", Anshumann et al.,
 Total
     ``kd = T**2 * mean over positions of the divergence`` (T**2 keeps gradient magnitudes
     comparable across temperatures); ``ce`` = hard-label cross-entropy at T=1, mean over
-    positions with a target (0 if none); ``total = alpha kd + (1 - alpha) ce``.
+    positions with a target (hard target ``IGNORE_INDEX`` = -100 where there is none; 0 if no
+    position has one); ``total = alpha kd + (1 - alpha) ce``.
 """
 
 from __future__ import annotations
@@ -72,12 +73,15 @@ from logitcache.errors import ConfigError
 from logitcache.storage_schemas.layout import KINDS
 
 __all__ = [
-    "DIVERGENCES", "TAIL_FLOOR", "REVERSE_KL_LOG_FLOOR", "SparseTargets", "LossOutput", "check_loss_supported",
+    "DIVERGENCES", "IGNORE_INDEX", "TAIL_FLOOR", "REVERSE_KL_LOG_FLOOR", "SparseTargets", "LossOutput", "check_loss_supported",
     "sparse_divergence", "dense_divergence", "distillation_loss", "dense_distillation_loss",
     "sequence_distillation_loss",
 ]
 
 DIVERGENCES: tuple[str, ...] = ("forward_kl", "reverse_kl", "jsd", "tvd", "soft_ce")
+#: Hard next-token target of a position that has none (context, padding, a record's last
+#: token): torch's cross-entropy default. Stage two's batches, losses and metrics all use it.
+IGNORE_INDEX = -100
 #: Smallest teacher tail mass of ``tail="bucket"`` when k < V (see the module docstring).
 TAIL_FLOOR = 1e-7
 #: Reverse KL raises teacher log-probabilities below this (log 0 included) to it: see the docstring.
@@ -283,7 +287,7 @@ def distillation_loss(hidden: Tensor, head: Callable[[Tensor], Tensor], targets:
     forward and recomputed in its backward, so only one chunk's logits exist at a time and
     never ``[P, V]``. A head wider than the teacher's vocabulary (padding rows) is sliced to
     the first ``vocab_size`` logits before any softmax, so the padding gets no probability
-    (and no gradient). ``hard_targets`` ``[P]`` uses -100 for "no target"; None for none.
+    (and no gradient). ``hard_targets`` ``[P]`` uses ``IGNORE_INDEX`` for "no target"; None for none.
     """
     check_loss_supported(cfg, targets.kind)
     positions = int(hidden.shape[0])
@@ -298,7 +302,7 @@ def distillation_loss(hidden: Tensor, head: Callable[[Tensor], Tensor], targets:
         logits = logits[:, :width]
         kd = sparse_divergence(logits, part, kind=cfg.kind, temperature=cfg.temperature,
                                beta=cfg.beta, tail=cfg.tail).sum()
-        return kd, _hard_ce_sum(logits.to(_compute_dtype(logits)), hard, -100)
+        return kd, _hard_ce_sum(logits.to(_compute_dtype(logits)), hard, IGNORE_INDEX)
 
     dtype = torch.float64 if hidden.dtype == torch.float64 else torch.float32
     kd_sum = hidden.new_zeros((), dtype=dtype)
@@ -309,7 +313,7 @@ def distillation_loss(hidden: Tensor, head: Callable[[Tensor], Tensor], targets:
         kd, ce = checkpoint(chunk_sums, hidden[start:stop], targets.slice(start, stop), hard, use_reentrant=False)
         kd_sum = kd_sum + kd
         ce_sum = ce_sum + ce
-    return _combine(kd_sum, ce_sum, positions, _count_targets(hard_targets, -100), cfg)
+    return _combine(kd_sum, ce_sum, positions, _count_targets(hard_targets, IGNORE_INDEX), cfg)
 
 
 def _dense_loss(logits: Tensor, teacher_logprobs: Tensor, hard: Tensor | None, cfg: LossConfig,
@@ -323,7 +327,7 @@ def _dense_loss(logits: Tensor, teacher_logprobs: Tensor, hard: Tensor | None, c
 def dense_distillation_loss(logits: Tensor, teacher_logprobs: Tensor, hard_targets: Tensor | None, *,
                             cfg: LossConfig) -> LossOutput:
     """Reference for tests: the same loss from the full teacher log-probabilities ``[P, V]``."""
-    return _dense_loss(logits, teacher_logprobs, hard_targets, cfg, -100)
+    return _dense_loss(logits, teacher_logprobs, hard_targets, cfg, IGNORE_INDEX)
 
 
 def sequence_distillation_loss(student_logits: Tensor, teacher_logprobs: Tensor, labels: Tensor | None, *,

@@ -31,11 +31,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from logitcache.pipeline.distill.losses import SparseTargets, sparse_divergence
+from logitcache.pipeline.distill.losses import IGNORE_INDEX, SparseTargets, sparse_divergence
 
 __all__ = ["ClassificationMetrics", "LanguageMetrics", "token_metrics"]
 
-IGNORE_INDEX = -100
 OVERALL = "all"
 
 

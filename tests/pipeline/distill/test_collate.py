@@ -7,12 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from logitcache.pipeline.distill.collate import (
-    IGNORE_INDEX,
-    SequencePacker,
-    TokenPacker,
-    row_pieces,
-)
+from logitcache.pipeline.distill.collate import SequencePacker, TokenPacker, row_pieces
+from logitcache.pipeline.distill.losses import IGNORE_INDEX
 from logitcache.storage_schemas.value_codecs import get_value_codec
 from tests.factories import make_layout
 

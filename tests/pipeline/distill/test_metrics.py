@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from logitcache.pipeline.distill.losses import (
+    IGNORE_INDEX,
     TAIL_FLOOR,
     SparseTargets,
     dense_divergence,
@@ -85,11 +86,11 @@ def test_ce_top1_and_missing_targets() -> None:
     _, ids, values = teacher_topk(n, v, 3, seed=3)
     logits = student(n, v, seed=4, dtype=torch.bfloat16)
     targets = torch.randint(0, v, (n,), generator=torch.Generator().manual_seed(5))
-    targets[[1, 6, 11]] = -100
+    targets[[1, 6, 11]] = IGNORE_INDEX
     out = token_metrics(logits, topk_ids=ids, topk_logprobs=values, hard_targets=targets)
     assert all(t.dtype == torch.float32 and t.shape == (n,) for t in out.values())
-    reference = F.cross_entropy(logits.float(), targets, ignore_index=-100, reduction="none")
-    has = targets != -100
+    reference = F.cross_entropy(logits.float(), targets, ignore_index=IGNORE_INDEX, reduction="none")
+    has = targets != IGNORE_INDEX
     torch.testing.assert_close(out["ce"][has], reference[has])
     assert torch.isnan(out["ce"][~has]).all()
     expected_top1 = (logits.float().argmax(-1) == ids[:, 0]).float()
@@ -98,7 +99,7 @@ def test_ce_top1_and_missing_targets() -> None:
 
 
 def test_without_topk_kl_and_top1_are_nan() -> None:
-    out = token_metrics(student(4, 5, seed=0), hard_targets=torch.tensor([0, 1, -100, 4]))
+    out = token_metrics(student(4, 5, seed=0), hard_targets=torch.tensor([0, 1, IGNORE_INDEX, 4]))
     assert torch.isnan(out["kl"]).all() and torch.isnan(out["top1"]).all()
     assert torch.isfinite(out["ce"][[0, 1, 3]]).all()
 
