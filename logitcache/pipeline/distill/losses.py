@@ -156,12 +156,6 @@ class SparseTargets:
         return SparseTargets(kind=self.kind, topk_ids=cut(self.topk_ids), topk_logprobs=cut(self.topk_logprobs),
                              sample_ids=cut(self.sample_ids), sample_counts=cut(self.sample_counts))
 
-    def __getitem__(self, index: slice) -> SparseTargets:
-        if not isinstance(index, slice) or index.step not in (None, 1):
-            raise TypeError("SparseTargets supports only contiguous slices, e.g. targets[0:128]")
-        start, stop, _ = index.indices(self.num_positions)
-        return self.slice(start, stop)
-
 
 @dataclass
 class LossOutput:

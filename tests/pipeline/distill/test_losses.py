@@ -444,7 +444,7 @@ def test_check_loss_supported() -> None:
 
 def test_sparse_targets_slicing_and_validation() -> None:
     targets = topk_targets(teacher_logprobs(10, 6), 2)
-    part = targets[3:7]
+    part = targets.slice(3, 7)
     assert part.num_positions == 4 and torch.equal(part.topk_ids, targets.topk_ids[3:7])
     assert targets.slice(8, 20).num_positions == 2
     with pytest.raises(ConfigError, match="need sample_ids"):
