@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable
 from typing import Any
 
 import click
@@ -46,6 +47,14 @@ def _print_json(data: Any) -> None:
     click.echo(json.dumps(data, indent=2, ensure_ascii=False, default=str))
 
 
+def _print_result(as_json: bool, data: Callable[[], Any], text: Callable[[], str]) -> None:
+    """Print a command's result: ``data()`` as JSON with ``--json``, else ``text()``."""
+    if as_json:
+        _print_json(data())
+    else:
+        click.echo(text())
+
+
 @click.group(name="logitcache", cls=LogitcacheGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, "--version", prog_name="logitcache", message="%(prog)s %(version)s")
 def main() -> None:
@@ -66,10 +75,7 @@ def inspect(cache: str, as_json: bool) -> None:
     from logitcache.storage_schemas.summary import format_summary, summarize_cache
 
     summary = summarize_cache(cache)
-    if as_json:
-        _print_json(summary)
-    else:
-        click.echo(format_summary(summary))
+    _print_result(as_json, lambda: summary, lambda: format_summary(summary))
 
 
 @main.command()
@@ -89,10 +95,7 @@ def verify(ctx: click.Context, cache: str, deep: bool, as_json: bool) -> None:
     from logitcache.storage_schemas.verify import verify_cache
 
     report = verify_cache(cache, deep=deep)
-    if as_json:
-        _print_json(report.to_dict())
-    else:
-        click.echo(report.to_text())
+    _print_result(as_json, report.to_dict, report.to_text)
     if not report.ok:
         ctx.exit(1)
 
@@ -128,10 +131,7 @@ def repack(source: str, dest: str, backend: str | None, compression: str | None,
     changes = {"backend": backend, "compression": compression, "compression_level": compression_level,
                "row_group_tokens": row_group_tokens, "chunk_tokens": chunk_tokens}
     summary = repack_cache(source, dest, storage=changes, overwrite=overwrite, progress=not no_progress)
-    if as_json:
-        _print_json(summary.to_dict())
-    else:
-        click.echo(summary.to_text())
+    _print_result(as_json, summary.to_dict, summary.to_text)
 
 
 @main.command()
@@ -160,10 +160,7 @@ def build(config: str, overrides: tuple[str, ...], overwrite: bool, repair: bool
                                "give one of them")
     summary = build_cache(load_config(config, overrides), overwrite=overwrite, repair=repair,
                           progress=not no_progress)
-    if as_json:
-        _print_json(summary.to_dict())
-    else:
-        click.echo(summary.to_text())
+    _print_result(as_json, summary.to_dict, summary.to_text)
 
 
 @main.command()
@@ -194,10 +191,7 @@ def train(config: str, overrides: tuple[str, ...], resume: bool, as_json: bool, 
         raise SystemExit(130) from None
     if summary.rank != 0:  # under torchrun, rank 0 speaks for the run
         return
-    if as_json:
-        _print_json(summary.to_dict())
-    else:
-        click.echo(summary.format())
+    _print_result(as_json, summary.to_dict, summary.format)
 
 
 @main.command(name="eval")
@@ -224,14 +218,15 @@ def evaluate(config: str, overrides: tuple[str, ...], as_json: bool, no_progress
     texts = {name: own_texts(cfg, s) for name, s in students.items() if s.reads_text}
     results = evaluate_students(cfg, students, texts=texts, progress=not no_progress)
     report = write_students_report(cfg, students, results)
-    if as_json:
-        _print_json({"report": str(report), "students": results})
-        return
-    for name, result in results.items():
-        overall = result["metrics"].get("all") or {}
-        shown = ", ".join(f"{k} {v:.4g}" for k, v in overall.items() if isinstance(v, float))
-        click.echo(f"{name}: {shown}")
-    click.echo(f"report: {report}")
+
+    def text() -> str:
+        lines = []
+        for name, result in results.items():
+            overall = result["metrics"].get("all") or {}
+            lines.append(f"{name}: " + ", ".join(f"{k} {v:.4g}" for k, v in overall.items() if isinstance(v, float)))
+        return "\n".join([*lines, f"report: {report}"])
+
+    _print_result(as_json, lambda: {"report": str(report), "students": results}, text)
 
 
 @main.command()

@@ -247,12 +247,9 @@ class SoftLabelsConfig(_Section):
     seed: int = _field(0, ge=0)  # Seed of the sampled modes, so that a rebuild draws the same samples.
 
     def _validate(self) -> None:
-        try:  # imported here: the codec module is heavier and must not be needed to import config
-            from logitcache.storage_schemas.value_codecs import value_codec_names
-        except ModuleNotFoundError as error:
-            if error.name != "logitcache.storage_schemas.value_codecs":
-                raise
-            return  # codecs not available in this checkout; the writer rejects unknown codecs
+        # imported here, not at the top: the codecs need numpy, which importing config does not
+        from logitcache.storage_schemas.value_codecs import value_codec_names
+
         names = tuple(value_codec_names())
         if self.values not in names:
             raise ConfigError(f"{self._where('values')}: must be one of {', '.join(names)}, got {self.values!r}")

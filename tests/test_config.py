@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import sys
-import types
-
 import pytest
 
 from logitcache.config import (
@@ -20,6 +17,7 @@ from logitcache.config import (
     parse_override,
 )
 from logitcache.errors import ConfigError
+from logitcache.storage_schemas.value_codecs import value_codec_names
 
 FULL_YAML = """\
 cache: runs/tiny/cache
@@ -62,21 +60,6 @@ def minimal(**sections):
     }
     data.update(sections)
     return data
-
-
-@pytest.fixture(autouse=True)
-def value_codecs(monkeypatch):
-    """Use the real codec registry when it exists, else a stub naming float32 and float16."""
-    module_name = "logitcache.storage_schemas.value_codecs"
-    try:
-        __import__(module_name)
-    except ModuleNotFoundError as error:
-        if error.name != module_name:
-            raise
-        stub = types.ModuleType(module_name)
-        stub.value_codec_names = lambda: ("float32", "float16")
-        monkeypatch.setitem(sys.modules, module_name, stub)
-    return sys.modules[module_name]
 
 
 def write(tmp_path, text, name="job.yaml"):
@@ -223,10 +206,10 @@ def test_invalid_config_names_field_and_allowed_values(data, pieces):
         assert piece in message
 
 
-def test_codec_message_lists_the_registry(value_codecs):
+def test_codec_message_lists_the_registry():
     with pytest.raises(ConfigError) as caught:
         config_from_dict(minimal(soft_labels={"values": "float8x"}))
-    assert ", ".join(value_codecs.value_codec_names()) in str(caught.value)
+    assert ", ".join(value_codec_names()) in str(caught.value)
 
 
 def test_direct_construction_is_validated_too():

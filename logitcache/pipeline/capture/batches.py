@@ -16,6 +16,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from logitcache.pipeline.common.padding import right_pad
+
 
 @dataclass(frozen=True, kw_only=True)
 class Batch:
@@ -60,13 +62,8 @@ def plan_batches(lengths: Sequence[int], *, batch_tokens: int) -> list[np.ndarra
 
 
 def collate(windows, indices: np.ndarray, *, pad_id: int) -> Batch:
+    """The windows at ``indices``, right-padded to the longest of them."""
     rows = [windows[i].input_ids for i in indices]
-    lengths = np.array([len(r) for r in rows], dtype=np.int64)
-    width = int(lengths.max()) if len(rows) else 0
-    ids = np.full((len(rows), width), pad_id, dtype=np.int64)
-    mask = np.zeros((len(rows), width), dtype=np.int64)
-    for row, tokens in enumerate(rows):  # one numpy copy per window, not per token
-        ids[row, : len(tokens)] = tokens
-        mask[row, : len(tokens)] = 1
-    return Batch(indices=np.asarray(indices), input_ids=torch.from_numpy(ids),
-                 attention_mask=torch.from_numpy(mask), lengths=lengths)
+    input_ids, attention_mask = right_pad(rows, pad_id=pad_id, min_width=0)
+    return Batch(indices=np.asarray(indices), input_ids=input_ids, attention_mask=attention_mask,
+                 lengths=np.array([len(r) for r in rows], dtype=np.int64))

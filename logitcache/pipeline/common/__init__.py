@@ -1,2 +1,3 @@
 """Pipeline parts both stages use: the corpus, windows, the held-out split, model helpers,
-and the background committer that stage one and ``repack`` write shards through."""
+right-padding of token batches, and the background committer that stage one and ``repack``
+write shards through."""

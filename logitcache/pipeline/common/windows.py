@@ -34,10 +34,6 @@ class Window:
     input_ids: np.ndarray  # int64 [n]: context tokens first, then the labelled ones
     context_length: int
 
-    @property
-    def num_labelled(self) -> int:
-        return len(self.input_ids) - self.context_length
-
 
 def record_id_for(doc_key: str, window_index: int) -> int:
     digest = hashlib.blake2b(f"{doc_key}\x00{window_index}".encode(), digest_size=8).digest()

@@ -11,9 +11,9 @@ let one record attend to another. Everything is a fixed shape, ``[B, L]`` and
 
 Per slot the batch says whether it has a teacher label (``label_mask``: a labelled position
 of a record, not left context, not padding) and the hard next-token target
-(``hard_targets``: the record's next token at labelled positions, -100 at a record's last
-token, on context and on padding). Top-k ids and float32 log-probs are ``[B, L, k]``;
-sampled ids and counts are ``[B, L, S]`` padded with count 0.
+(``hard_targets``: the record's next token at labelled positions, ``IGNORE_INDEX`` = -100 at
+a record's last token, on context and on padding). Top-k ids and float32 log-probs are
+``[B, L, k]``; sampled ids and counts are ``[B, L, S]`` padded with count 0.
 
 A packer made with ``decode=False`` leaves the top-k in the cache's stored types (id bits
 and codec values, see :mod:`~logitcache.pipeline.distill.stored_topk`): a quarter of the bytes to
@@ -34,12 +34,12 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from logitcache.pipeline.common.padding import right_pad
 from logitcache.pipeline.distill.dataset import round_robin
+from logitcache.pipeline.distill.losses import IGNORE_INDEX
 from logitcache.pipeline.distill.shared_batches import ArraySpec, SlotRing, new_arrays
 from logitcache.pipeline.distill.stored_topk import StoredTopK, id_bits, widen_topk
 from logitcache.storage_schemas.layout import RecordLayout
-
-IGNORE_INDEX = -100
 
 
 @dataclass(kw_only=True)
@@ -334,7 +334,7 @@ class SequencePacker:
             yield self.collate(pending)
 
     def collate(self, records: Sequence[Any]) -> SequenceBatch:
-        input_ids, attention_mask = pad_sequences([r.input_ids for r in records], pad_id=self.pad_id)
+        input_ids, attention_mask = right_pad([r.input_ids for r in records], pad_id=self.pad_id)
         return SequenceBatch(
             input_ids=input_ids, attention_mask=attention_mask,
             class_logprobs=torch.from_numpy(np.stack([r.class_logprobs for r in records]).astype(np.float32)),
@@ -343,17 +343,6 @@ class SequencePacker:
             langs=[r.lang for r in records], cursors=[tuple(r.cursor) for r in records],
             tokens=int(attention_mask.sum()), row_tokens=attention_mask.sum(1).numpy(),
         )
-
-
-def pad_sequences(sequences: Sequence[Sequence[int] | np.ndarray], *, pad_id: int) -> tuple[Tensor, Tensor]:
-    """Right-pad token id sequences into ``input_ids`` and ``attention_mask`` ``[B, max_len]``."""
-    width = max(1, max((len(s) for s in sequences), default=1))
-    input_ids = np.full((len(sequences), width), pad_id, dtype=np.int64)
-    attention_mask = np.zeros((len(sequences), width), dtype=np.int64)
-    for row, ids in enumerate(sequences):
-        input_ids[row, :len(ids)] = ids
-        attention_mask[row, :len(ids)] = 1
-    return torch.from_numpy(input_ids), torch.from_numpy(attention_mask)
 
 
 class PackedBatches(torch.utils.data.IterableDataset):

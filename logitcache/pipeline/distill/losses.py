@@ -16,16 +16,20 @@ Teacher, ``token_topk`` caches
 
     ``tail="bucket"``: both distributions are coarse-grained to k+1 outcomes (the k cached ids
     and one "tail" outcome). The student's tail is ``log q_tail = logsumexp(z_notk / T) -
-    logsumexp(z / T)``, computed in log space so it never cancels. The teacher is tempered
-    over those k+1 outcomes, ``p_T ∝ p^(1/T)`` with the tail as one outcome of probability
-    ``r``. This is exact at T=1, and exact at any T when k equals the vocabulary (there is
-    then no tail); otherwise it is an approximation (tempering the whole tail would need its
-    individual probabilities). With k == V the tail outcome is dropped: it is rounding
-    error only, and the student has no mass there. With k < V the teacher tail is raised
-    to at least ``TAIL_FLOOR`` = 1e-7 and the k+1 outcomes renormalised: a tail decoded as
-    0 (quantised top-k values that round up to sum to 1 or more, see the ``q8`` codec) is
-    really small but positive, and 1e-7 is below the float32 rounding of a top-k sum; the
-    renormalisation also scales an over-unity top-k back to a distribution.
+    logsumexp(z / T)``, computed in log space so it never cancels, and clamped to at most 0
+    (rounding) and at least the log of the dtype's smallest normal number (-87.3 in float32),
+    so a student tail that underflows gives a large finite divergence, not infinity. The
+    teacher is tempered over those k+1 outcomes, ``p_T ∝ p^(1/T)`` with the tail as one
+    outcome of probability ``r``. This is exact at T=1, and exact at any T when k equals the
+    vocabulary (there is then no tail); otherwise it is an approximation (tempering the whole
+    tail would need its individual probabilities). With k == V the tail outcome is dropped:
+    it is rounding error only, and the student has no mass there. With k < V the teacher tail
+    is raised to at least ``TAIL_FLOOR`` = 1e-7 and the k+1 outcomes renormalised: a tail
+    decoded as 0 (quantised top-k values that round up to sum to 1 or more, see the ``q8``
+    codec) is really small but positive, and 1e-7 is below the float32 rounding of a top-k
+    sum; the renormalisation also scales an over-unity top-k back to a distribution.
+    Evaluation's KL to the teacher (:func:`~logitcache.pipeline.distill.metrics.token_metrics`)
+    is this ``forward_kl`` at T=1, computed by :func:`sparse_divergence` too.
 
     ``tail="renormalize"``: both distributions restricted to the k ids and renormalised (the
     teacher tempered over them: ``log_softmax(topk_logprobs / T)``).
@@ -49,7 +53,8 @@ Sampled caches (unbiased estimator of "Sparse Logit Sampling", Anshumann et al.,
 Total
     ``kd = T**2 * mean over positions of the divergence`` (T**2 keeps gradient magnitudes
     comparable across temperatures); ``ce`` = hard-label cross-entropy at T=1, mean over
-    positions with a target (0 if none); ``total = alpha kd + (1 - alpha) ce``.
+    positions with a target (hard target ``IGNORE_INDEX`` = -100 where there is none; 0 if no
+    position has one); ``total = alpha kd + (1 - alpha) ce``.
 """
 
 from __future__ import annotations
@@ -68,12 +73,15 @@ from logitcache.errors import ConfigError
 from logitcache.storage_schemas.layout import KINDS
 
 __all__ = [
-    "DIVERGENCES", "TAIL_FLOOR", "REVERSE_KL_LOG_FLOOR", "SparseTargets", "LossOutput", "check_loss_supported",
+    "DIVERGENCES", "IGNORE_INDEX", "TAIL_FLOOR", "REVERSE_KL_LOG_FLOOR", "SparseTargets", "LossOutput", "check_loss_supported",
     "sparse_divergence", "dense_divergence", "distillation_loss", "dense_distillation_loss",
     "sequence_distillation_loss",
 ]
 
 DIVERGENCES: tuple[str, ...] = ("forward_kl", "reverse_kl", "jsd", "tvd", "soft_ce")
+#: Hard next-token target of a position that has none (context, padding, a record's last
+#: token): torch's cross-entropy default. Stage two's batches, losses and metrics all use it.
+IGNORE_INDEX = -100
 #: Smallest teacher tail mass of ``tail="bucket"`` when k < V (see the module docstring).
 TAIL_FLOOR = 1e-7
 #: Reverse KL raises teacher log-probabilities below this (log 0 included) to it: see the docstring.
@@ -147,12 +155,6 @@ class SparseTargets:
             return None if t is None else t[start:stop]
         return SparseTargets(kind=self.kind, topk_ids=cut(self.topk_ids), topk_logprobs=cut(self.topk_logprobs),
                              sample_ids=cut(self.sample_ids), sample_counts=cut(self.sample_counts))
-
-    def __getitem__(self, index: slice) -> SparseTargets:
-        if not isinstance(index, slice) or index.step not in (None, 1):
-            raise TypeError("SparseTargets supports only contiguous slices, e.g. targets[0:128]")
-        start, stop, _ = index.indices(self.num_positions)
-        return self.slice(start, stop)
 
 
 @dataclass
@@ -279,7 +281,7 @@ def distillation_loss(hidden: Tensor, head: Callable[[Tensor], Tensor], targets:
     forward and recomputed in its backward, so only one chunk's logits exist at a time and
     never ``[P, V]``. A head wider than the teacher's vocabulary (padding rows) is sliced to
     the first ``vocab_size`` logits before any softmax, so the padding gets no probability
-    (and no gradient). ``hard_targets`` ``[P]`` uses -100 for "no target"; None for none.
+    (and no gradient). ``hard_targets`` ``[P]`` uses ``IGNORE_INDEX`` for "no target"; None for none.
     """
     check_loss_supported(cfg, targets.kind)
     positions = int(hidden.shape[0])
@@ -294,7 +296,7 @@ def distillation_loss(hidden: Tensor, head: Callable[[Tensor], Tensor], targets:
         logits = logits[:, :width]
         kd = sparse_divergence(logits, part, kind=cfg.kind, temperature=cfg.temperature,
                                beta=cfg.beta, tail=cfg.tail).sum()
-        return kd, _hard_ce_sum(logits.to(_compute_dtype(logits)), hard, -100)
+        return kd, _hard_ce_sum(logits.to(_compute_dtype(logits)), hard, IGNORE_INDEX)
 
     dtype = torch.float64 if hidden.dtype == torch.float64 else torch.float32
     kd_sum = hidden.new_zeros((), dtype=dtype)
@@ -305,7 +307,7 @@ def distillation_loss(hidden: Tensor, head: Callable[[Tensor], Tensor], targets:
         kd, ce = checkpoint(chunk_sums, hidden[start:stop], targets.slice(start, stop), hard, use_reentrant=False)
         kd_sum = kd_sum + kd
         ce_sum = ce_sum + ce
-    return _combine(kd_sum, ce_sum, positions, _count_targets(hard_targets, -100), cfg)
+    return _combine(kd_sum, ce_sum, positions, _count_targets(hard_targets, IGNORE_INDEX), cfg)
 
 
 def _dense_loss(logits: Tensor, teacher_logprobs: Tensor, hard: Tensor | None, cfg: LossConfig,
@@ -319,7 +321,7 @@ def _dense_loss(logits: Tensor, teacher_logprobs: Tensor, hard: Tensor | None, c
 def dense_distillation_loss(logits: Tensor, teacher_logprobs: Tensor, hard_targets: Tensor | None, *,
                             cfg: LossConfig) -> LossOutput:
     """Reference for tests: the same loss from the full teacher log-probabilities ``[P, V]``."""
-    return _dense_loss(logits, teacher_logprobs, hard_targets, cfg, -100)
+    return _dense_loss(logits, teacher_logprobs, hard_targets, cfg, IGNORE_INDEX)
 
 
 def sequence_distillation_loss(student_logits: Tensor, teacher_logprobs: Tensor, labels: Tensor | None, *,

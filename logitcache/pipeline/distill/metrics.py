@@ -9,10 +9,16 @@ JSON round trip (``to_dict`` / ``from_dict``), so ranks can ship them as plain J
 
 KL against a top-k cache: the cached teacher distribution is known only on its ``k`` ids
 plus the tail mass ``r``. The KL reported is that between the teacher and the student both
-coarse-grained onto ``k + 1`` buckets (the cached ids and "everything else"). By the
-data-processing inequality it is a lower bound on the full KL, and equals it when ``k == V``.
-The student's tail probability is ``logsumexp`` over the non-cached logits, which stays
-accurate when the student puts almost all its mass on the cached ids (``1 - sum`` would not).
+coarse-grained onto ``k + 1`` buckets (the cached ids and "everything else"), computed by the
+training loss's own function, :func:`~logitcache.pipeline.distill.losses.sparse_divergence`
+with ``kind="forward_kl"``, ``tail="bucket"`` and T=1, so it treats the tail as the loss does
+(see :mod:`~logitcache.pipeline.distill.losses`): the student's tail probability is
+``logsumexp`` over the non-cached logits (accurate when the student puts almost all its mass
+on the cached ids, where ``1 - sum`` would not be; below float32's smallest normal number,
+1.2e-38, it counts as that), and with ``k < V`` a teacher tail below ``TAIL_FLOOR`` = 1e-7
+(a lossy codec's top-k can decode to a sum of 1 or more) is raised to it and the ``k + 1``
+outcomes renormalised. By the data-processing inequality the coarse-grained KL is a lower
+bound on the full KL, and equals it when ``k == V`` (there is then no tail bucket).
 """
 
 from __future__ import annotations
@@ -25,9 +31,10 @@ from typing import Any
 import numpy as np
 import torch
 
+from logitcache.pipeline.distill.losses import IGNORE_INDEX, SparseTargets, sparse_divergence
+
 __all__ = ["ClassificationMetrics", "LanguageMetrics", "token_metrics"]
 
-IGNORE_INDEX = -100
 OVERALL = "all"
 
 
@@ -45,7 +52,6 @@ def token_metrics(
     logits = student_logits.float()
     n, vocab = logits.shape
     device = logits.device
-    logq = torch.log_softmax(logits, dim=-1)
     nan = torch.full((n,), math.nan, dtype=torch.float32, device=device)
 
     if hard_targets is None:
@@ -57,6 +63,7 @@ def token_metrics(
         has = targets != IGNORE_INDEX
         if bool((has & ((targets < 0) | (targets >= vocab))).any()):  # one device sync
             raise ValueError(f"hard_targets must be in [0, {vocab}) or {IGNORE_INDEX}")
+        logq = torch.log_softmax(logits, dim=-1)
         picked = logq.gather(1, torch.where(has, targets, 0)[:, None]).squeeze(1)
         ce = torch.where(has, -picked, nan)
 
@@ -69,16 +76,9 @@ def token_metrics(
         raise ValueError(f"topk_ids {tuple(topk_ids.shape)} and topk_logprobs "
                          f"{tuple(topk_logprobs.shape)} must both be [{n}, k], 1 <= k <= {vocab}")
     ids = topk_ids.to(device=device, dtype=torch.long)
-    logp = topk_logprobs.to(device=device, dtype=torch.float32)
-    p = logp.exp()
-    zero = torch.zeros((), dtype=torch.float32, device=device)
-    head = torch.where(p > 0, p * (logp - logq.gather(1, ids)), zero).sum(1)
-    if k == vocab:  # the cached ids are the whole vocabulary: there is no tail bucket
-        kl = head
-    else:
-        r = (1.0 - p.sum(1)).clamp(0.0, 1.0)
-        log_q_tail = logq.scatter(1, ids, -math.inf).logsumexp(1)
-        kl = head + torch.where(r > 0, r * (r.log() - log_q_tail), zero)
+    targets = SparseTargets(kind="token_topk", topk_ids=ids,
+                            topk_logprobs=topk_logprobs.to(device=device, dtype=torch.float32))
+    kl = sparse_divergence(logits, targets, kind="forward_kl", tail="bucket")
     top1 = (logits.argmax(1) == ids[:, 0]).float()
     return {"ce": ce, "kl": kl, "top1": top1}
 

@@ -31,7 +31,8 @@ import torch
 from torch import Tensor
 
 from logitcache.config import OptimizerConfig
-from logitcache.pipeline.distill.collate import SequenceBatch, TokenBatch, pad_sequences, row_pieces
+from logitcache.pipeline.common.padding import right_pad
+from logitcache.pipeline.distill.collate import SequenceBatch, TokenBatch, row_pieces
 from logitcache.pipeline.distill.distributed import Ranks
 from logitcache.pipeline.distill.losses import (
     LossOutput,
@@ -105,8 +106,7 @@ class StudentTexts:
         """(input_ids, attention_mask, rows kept) for the batch's records that have a text."""
         rows = [i for i, rid in enumerate(batch.record_ids.tolist()) if int(rid) in self.ids_by_record]
         self.missing += len(batch.record_ids) - len(rows)
-        ids, mask = pad_sequences([self.ids_by_record[int(batch.record_ids[i])] for i in rows] or [[pad_id]],
-                                  pad_id=pad_id)
+        ids, mask = right_pad([self.ids_by_record[int(batch.record_ids[i])] for i in rows], pad_id=pad_id)
         return ids, mask, torch.tensor(rows, dtype=torch.int64)
 
 

@@ -46,7 +46,7 @@ def test_make_windows_keeps_document_order_and_ids():
     assert no_tokens == 1
     assert [(w.doc_key, w.window_index, w.context_length) for w in windows] == [
         ("a", 0, 0), ("a", 1, 1), ("a", 2, 1), ("b", 0, 0)]
-    assert sum(w.num_labelled for w in windows if w.doc_key == "a") == 10  # BOS + 9 chars
+    assert sum(len(w.input_ids) - w.context_length for w in windows if w.doc_key == "a") == 10  # BOS + 9 chars
     assert windows[0].record_id == record_id_for("a", 0) != record_id_for("a", 1)
 
 

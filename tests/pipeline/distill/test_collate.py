@@ -7,13 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from logitcache.pipeline.distill.collate import (
-    IGNORE_INDEX,
-    SequencePacker,
-    TokenPacker,
-    pad_sequences,
-    row_pieces,
-)
+from logitcache.pipeline.distill.collate import SequencePacker, TokenPacker, row_pieces
+from logitcache.pipeline.distill.losses import IGNORE_INDEX
 from logitcache.storage_schemas.value_codecs import get_value_codec
 from tests.factories import make_layout
 
@@ -153,9 +148,7 @@ def test_row_pieces_of_a_sequence_batch_keep_their_records():
     assert row_pieces(batch, rows=6, piece_rows=2)[2] is None
 
 
-def test_pad_sequences_and_moving_a_batch():
-    ids, mask = pad_sequences([[1, 2], [3]], pad_id=9)
-    assert ids.tolist() == [[1, 2], [3, 9]] and mask.tolist() == [[1, 1], [1, 0]]
+def test_moving_a_batch():
     layout = make_layout("token_topk", k=3, vocab_size=50)
     batch = TokenPacker(layout, rows=1, length=6).collate([record(0, 4)])
     moved = batch.to("cpu")

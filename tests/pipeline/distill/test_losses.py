@@ -15,6 +15,7 @@ from logitcache.config import LossConfig
 from logitcache.errors import ConfigError
 from logitcache.pipeline.distill.losses import (
     DIVERGENCES,
+    IGNORE_INDEX,
     TAIL_FLOOR,
     SparseTargets,
     check_loss_supported,
@@ -234,7 +235,7 @@ def reference_loss(hidden, head, targets, hard, cfg: LossConfig):
     logits = head(hidden)
     kd = sparse_divergence(logits, targets, kind=cfg.kind, temperature=cfg.temperature,
                            beta=cfg.beta, tail=cfg.tail).mean() * cfg.temperature ** 2
-    keep = hard != -100
+    keep = hard != IGNORE_INDEX
     ce = F.cross_entropy(logits[keep], hard[keep], reduction="sum") / max(int(keep.sum()), 1)
     return cfg.alpha * kd + (1 - cfg.alpha) * ce, kd, ce
 
@@ -248,7 +249,7 @@ def test_chunked_loss_equals_unchunked_and_never_builds_all_logits(kind: str, ta
     hidden = torch.randn(positions, hidden_size, dtype=F64, requires_grad=True)
     targets = topk_targets(teacher_logprobs(positions, vocab), k)
     hard = torch.randint(0, vocab, (positions,))
-    hard[[2, 7]] = -100
+    hard[[2, 7]] = IGNORE_INDEX
     cfg = LossConfig(kind=kind, tail=tail, temperature=temperature, alpha=0.6, chunk_tokens=chunk)
 
     saved: list[tuple[int, ...]] = []
@@ -284,7 +285,7 @@ def test_chunked_loss_with_sampled_targets_equals_unchunked() -> None:
     cfg = LossConfig(kind="soft_ce", temperature=1.0, alpha=1.0, chunk_tokens=3)
     out = distillation_loss(hidden, head, targets, None, cfg=cfg)
     (g_chunked,) = torch.autograd.grad(out.total, hidden)
-    total, _, _ = reference_loss(hidden, head, targets, torch.full((positions,), -100), cfg)
+    total, _, _ = reference_loss(hidden, head, targets, torch.full((positions,), IGNORE_INDEX), cfg)
     (g_ref,) = torch.autograd.grad(total, hidden)
     assert torch.allclose(out.total, total, rtol=1e-12) and torch.allclose(g_chunked, g_ref, rtol=1e-10)
     assert out.ce_positions == 0 and out.ce.item() == 0.0
@@ -297,10 +298,10 @@ def test_alpha_mixing_ignored_targets_and_temperature_factor() -> None:
     hidden = torch.randn(positions, hidden_size, dtype=F64)
     targets = topk_targets(teacher_logprobs(positions, vocab), 4)
     hard = torch.randint(0, vocab, (positions,))
-    hard[::3] = -100
+    hard[::3] = IGNORE_INDEX
     logits = head(hidden)
     div = sparse_divergence(logits, targets, kind="forward_kl", temperature=3.0).mean()
-    ce_ref = F.cross_entropy(logits[hard != -100], hard[hard != -100])
+    ce_ref = F.cross_entropy(logits[hard != IGNORE_INDEX], hard[hard != IGNORE_INDEX])
 
     pure_kd = distillation_loss(hidden, head, targets, hard, cfg=LossConfig(temperature=3.0, alpha=1.0, chunk_tokens=4))
     assert torch.allclose(pure_kd.total, 9.0 * div, rtol=1e-12)  # the T**2 factor
@@ -308,13 +309,13 @@ def test_alpha_mixing_ignored_targets_and_temperature_factor() -> None:
     assert torch.allclose(pure_ce.total, ce_ref, rtol=1e-12) and pure_ce.ce_positions == 6
     mixed = distillation_loss(hidden, head, targets, hard, cfg=LossConfig(temperature=3.0, alpha=0.25, chunk_tokens=4))
     assert torch.allclose(mixed.total, 0.25 * 9.0 * div + 0.75 * ce_ref, rtol=1e-12)
-    none = distillation_loss(hidden, head, targets, torch.full((positions,), -100), cfg=LossConfig(alpha=0.0))
+    none = distillation_loss(hidden, head, targets, torch.full((positions,), IGNORE_INDEX), cfg=LossConfig(alpha=0.0))
     assert none.total.item() == 0.0 and none.ce_positions == 0
 
 
 def test_dense_distillation_loss_matches_sparse_with_full_vocabulary() -> None:
     logp, z = teacher_logprobs(8, 10), student_logits(8, 10).detach()
-    hard = torch.tensor([1, -100, 3, 4, -100, 0, 9, 2])
+    hard = torch.tensor([1, IGNORE_INDEX, 3, 4, IGNORE_INDEX, 0, 9, 2])
     cfg = LossConfig(kind="jsd", beta=0.2, temperature=2.0, alpha=0.4, chunk_tokens=3)
     dense = dense_distillation_loss(z, logp, hard, cfg=cfg)
     sparse = distillation_loss(z, lambda h: h, topk_targets(logp, 10), hard, cfg=cfg)
@@ -330,7 +331,7 @@ def test_chunked_loss_with_full_vocabulary_has_the_dense_values_and_gradients(ki
     hidden = torch.randn(positions, hidden_size, dtype=F64, requires_grad=True)
     logp = teacher_logprobs(positions, vocab, seed=5)
     hard = torch.randint(0, vocab, (positions,))
-    hard[[0, 6]] = -100
+    hard[[0, 6]] = IGNORE_INDEX
     cfg = LossConfig(kind=kind, tail=tail, temperature=2.0, alpha=0.7, beta=0.3, chunk_tokens=4)
     params = [hidden, head.weight, head.bias]
 
@@ -443,7 +444,7 @@ def test_check_loss_supported() -> None:
 
 def test_sparse_targets_slicing_and_validation() -> None:
     targets = topk_targets(teacher_logprobs(10, 6), 2)
-    part = targets[3:7]
+    part = targets.slice(3, 7)
     assert part.num_positions == 4 and torch.equal(part.topk_ids, targets.topk_ids[3:7])
     assert targets.slice(8, 20).num_positions == 2
     with pytest.raises(ConfigError, match="need sample_ids"):

@@ -10,12 +10,20 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from logitcache.pipeline.distill.losses import (
+    IGNORE_INDEX,
+    TAIL_FLOOR,
+    SparseTargets,
+    dense_divergence,
+    sparse_divergence,
+)
 from logitcache.pipeline.distill.metrics import (
     ClassificationMetrics,
     LanguageMetrics,
     macro_f1,
     token_metrics,
 )
+from tests.pipeline.distill.test_losses import coarse_log, student_logits, teacher_logprobs
 
 
 def teacher_topk(n: int, v: int, k: int, seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -78,11 +86,11 @@ def test_ce_top1_and_missing_targets() -> None:
     _, ids, values = teacher_topk(n, v, 3, seed=3)
     logits = student(n, v, seed=4, dtype=torch.bfloat16)
     targets = torch.randint(0, v, (n,), generator=torch.Generator().manual_seed(5))
-    targets[[1, 6, 11]] = -100
+    targets[[1, 6, 11]] = IGNORE_INDEX
     out = token_metrics(logits, topk_ids=ids, topk_logprobs=values, hard_targets=targets)
     assert all(t.dtype == torch.float32 and t.shape == (n,) for t in out.values())
-    reference = F.cross_entropy(logits.float(), targets, ignore_index=-100, reduction="none")
-    has = targets != -100
+    reference = F.cross_entropy(logits.float(), targets, ignore_index=IGNORE_INDEX, reduction="none")
+    has = targets != IGNORE_INDEX
     torch.testing.assert_close(out["ce"][has], reference[has])
     assert torch.isnan(out["ce"][~has]).all()
     expected_top1 = (logits.float().argmax(-1) == ids[:, 0]).float()
@@ -91,7 +99,7 @@ def test_ce_top1_and_missing_targets() -> None:
 
 
 def test_without_topk_kl_and_top1_are_nan() -> None:
-    out = token_metrics(student(4, 5, seed=0), hard_targets=torch.tensor([0, 1, -100, 4]))
+    out = token_metrics(student(4, 5, seed=0), hard_targets=torch.tensor([0, 1, IGNORE_INDEX, 4]))
     assert torch.isnan(out["kl"]).all() and torch.isnan(out["top1"]).all()
     assert torch.isfinite(out["ce"][[0, 1, 3]]).all()
 
@@ -228,3 +236,31 @@ def test_classification_merge_and_round_trip() -> None:
     with pytest.raises(ValueError):
         whole.add(["en"], student_logits=torch.zeros(1, 4), teacher_logprobs=torch.zeros(1, 4),
                   labels=[0])
+
+
+# -- the same tail treatment as the training loss ---------------------------------------------
+
+
+@pytest.mark.parametrize("k", [2, 4, 13])
+def test_kl_is_the_loss_bucket_forward_kl_and_the_dense_coarse_grained_kl(k: int) -> None:
+    # rows 0 and 1 as a lossy codec decodes them: a top-k summing to exactly 1 (tail 0) and to
+    # 1.02 (q8 rounding up); with k < V both get the TAIL_FLOOR tail and are renormalised
+    n, v = 12, 13
+    logp = teacher_logprobs(n, v, seed=7)
+    values, ids = torch.topk(logp, k, dim=-1)
+    values[0] = values[0] - values[0].exp().sum().log()
+    values[1] = values[1] - values[1].exp().sum().log() + math.log(1.02)
+    z = student_logits(n, v, seed=8).detach()
+    if k < v:
+        p = torch.cat([values.exp(), (1.0 - values.exp().sum(-1, keepdim=True)).clamp_min(TAIL_FLOOR)], -1)
+        want = dense_divergence(coarse_log(torch.log_softmax(z, -1), ids), (p / p.sum(-1, keepdim=True)).log())
+    else:  # no tail bucket: the cached ids are the vocabulary
+        want = dense_divergence(z.gather(1, ids), values)
+    loss_kl = sparse_divergence(z, SparseTargets(kind="token_topk", topk_ids=ids, topk_logprobs=values),
+                                kind="forward_kl", tail="bucket")
+    torch.testing.assert_close(loss_kl, want, rtol=1e-10, atol=1e-12)
+    metric_kl = token_metrics(z, topk_ids=ids, topk_logprobs=values)["kl"]  # computed in float32
+    torch.testing.assert_close(metric_kl, want.float(), rtol=1e-5, atol=1e-6)
+    loss_kl32 = sparse_divergence(z.float(), SparseTargets(kind="token_topk", topk_ids=ids,
+                                                            topk_logprobs=values.float()), kind="forward_kl")
+    assert torch.equal(metric_kl, loss_kl32)  # one function: the same float32 values bit for bit
