@@ -38,6 +38,7 @@ import json
 import os
 import sys
 import time
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -48,9 +49,10 @@ import torch
 from tqdm.auto import tqdm
 
 from logitcache.config import JobConfig, config_to_dict
-from logitcache.errors import ConfigError, CorruptShardError, StudentError
+from logitcache.errors import ConfigError, CorruptShardError, LogitcacheError, StudentError
 from logitcache.pipeline.common.corpus import paired_texts
 from logitcache.pipeline.common.windows import record_id_for, tokenize
+from logitcache.pipeline.distill.advice import ALPHA_WARNING, mean_topk_mass, topk_alpha_warning
 from logitcache.pipeline.distill.checkpoints import (
     Checkpoint,
     CheckpointStore,
@@ -195,6 +197,8 @@ def _open_run(cfg: JobConfig, *, ranks: Ranks, progress: bool) -> _TrainingRun:
     reader = CacheReader(cfg.cache)
     manifest = reader.manifest
     _check_cache(cfg, manifest)
+    if ranks.is_main:
+        _warn_about_settings(cfg, reader)
     length = _batch_length(cfg, manifest)
     shared_rows = rows_for(train.batch_tokens, length)
     pieces = [piece_rows(cfg, index, length=length) for index in range(len(cfg.students))]
@@ -221,6 +225,23 @@ def _check_cache(cfg: JobConfig, manifest: Manifest) -> None:
             check_loss_supported(student_cfg.loss, manifest.kind)
         except ConfigError as error:
             raise ConfigError(f"students[{index}].loss: {error}") from None
+
+
+def _warn_about_settings(cfg: JobConfig, reader: CacheReader) -> None:
+    """Warn about students whose soft-label setting was measured to distil badly (see
+    :mod:`~logitcache.pipeline.distill.advice`); the cache's top-k mass is read only when a
+    student's alpha could call for it."""
+    kind = reader.manifest.kind
+    if kind != "token_topk" or all(s.loss.alpha <= ALPHA_WARNING for s in cfg.students):
+        return
+    try:
+        mass = mean_topk_mass(reader)
+    except LogitcacheError:  # a damaged first shard: the reader reports it where it matters
+        return
+    for student_cfg in cfg.students:
+        message = topk_alpha_warning(student_cfg.loss, kind=kind, mass=mass, where=f"students[{student_cfg.name}]")
+        if message is not None:
+            warnings.warn(message, stacklevel=2)
 
 
 def _build_students(cfg: JobConfig, *, manifest: Manifest, ranks: Ranks) -> list[Student]:

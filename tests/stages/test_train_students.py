@@ -390,3 +390,12 @@ def test_a_run_says_where_it_resumes_from_and_what_its_evaluations_give(tmp_path
     path.write_text(yaml.safe_dump(data))
     result = CliRunner().invoke(main, ["train", str(path), "--no-progress"])
     assert result.exit_code == 130 and "run the same command again to resume" in result.output
+
+
+def test_a_student_at_high_alpha_on_a_heavy_tailed_top_k_cache_is_warned_about(tmp_path, topk_cache, corpus_dir,
+                                                                                tiny_causal_lm_dir):
+    data = job_data(topk_cache, corpus_dir, tiny_causal_lm_dir, tmp_path / "out", train={"steps": 1})
+    data["students"][0]["loss"]["alpha"] = 1.0  # the tiny random teacher's top 8 hold little of its mass
+    with pytest.warns(UserWarning, match=r"students\[fkl\]\.loss\.alpha=1 on a top-k cache") as caught:
+        train_students(config_from_dict(data), progress=False)
+    assert not any("students[rkl]" in str(w.message) for w in caught)  # alpha 0.5: no warning

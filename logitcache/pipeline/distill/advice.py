@@ -1,0 +1,57 @@
+"""Warnings before training for soft-label settings measured to distil badly.
+
+A top-k cache keeps the teacher's k most likely ids; the rest of the distribution is one tail
+bucket. With a peaked teacher that bucket is small and any k works. With a trained teacher of
+high entropy it is not: in ``benchmarks/bench_quality.py``'s high-entropy regime (teacher
+entropy 5.9 nats, top-64 mass 0.54, top-8 mass 0.30) students trained on top-k targets at
+alpha 1 ended *worse than a student trained on hard labels alone* (by KL to the teacher,
+-74% of full-distribution KD's gain at k=64, -244% at k=8), while at alpha 0.5 they still
+gained a little, and caches with tail draws (``sampled``, ``topk+sampled``) kept 88 to 96%
+(BENCHMARKS.md, "Distillation quality"). So a student whose KD weight ``alpha`` is above one
+half, trained from a top-k cache whose mean top-k mass is below ``MASS_WARNING``, is warned
+about before training, with what to use instead. Nothing is refused: the measurement is of
+one family of teachers, and a user may know better.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from logitcache.config import LossConfig
+from logitcache.storage_schemas.shard_reader import CacheReader
+
+__all__ = ["ALPHA_WARNING", "MASS_WARNING", "mean_topk_mass", "topk_alpha_warning"]
+
+#: KD weights above this on a top-k cache with a heavy tail are warned about
+ALPHA_WARNING = 0.5
+#: mean top-k probability mass below which a top-k cache's tail counts as heavy
+MASS_WARNING = 0.9
+
+
+def mean_topk_mass(reader: CacheReader, *, positions: int = 65536) -> float | None:
+    """Mean probability mass of the cached top-k over (about) the first ``positions`` labelled
+    positions of the cache; None for a cache without top-k or without positions."""
+    if not reader.layout.has_topk:
+        return None
+    total, count = 0.0, 0
+    for _, _, block in reader.iter_blocks(verify=False):
+        logprobs = block.decoded_topk_logprobs(reader.layout)
+        if logprobs is None or not len(logprobs):
+            continue
+        mass = np.exp(logprobs.astype(np.float64)).sum(axis=1)
+        total, count = total + float(mass.sum()), count + len(mass)
+        if count >= positions:
+            break
+    return total / count if count else None
+
+
+def topk_alpha_warning(loss: LossConfig, *, kind: str, mass: float | None, where: str) -> str | None:
+    """What to tell a user whose student ``where`` trains with ``loss`` from a cache of ``kind``
+    whose mean top-k mass is ``mass``; None when the setting was not measured to lose."""
+    if kind != "token_topk" or mass is None or mass >= MASS_WARNING or loss.alpha <= ALPHA_WARNING:
+        return None
+    return (f"{where}.loss.alpha={loss.alpha:g} on a top-k cache whose top-k holds {mass:.0%} of the teacher's "
+            f"probability on average: with such a heavy tail, top-k targets at alpha above {ALPHA_WARNING:g} were "
+            "measured to train students worse than hard labels alone (BENCHMARKS.md, 'Distillation quality'). "
+            f"Use loss.alpha <= {ALPHA_WARNING:g}, or a cache with tail draws "
+            "(soft_labels.mode: topk+sampled, e.g. k: 8, samples: 16)")
