@@ -38,9 +38,10 @@ import json
 import os
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 import numpy as np
 import torch
@@ -56,7 +57,14 @@ from logitcache.pipeline.distill.checkpoints import (
     check_resumable,
     restore_rng,
 )
-from logitcache.pipeline.distill.collate import PackedBatches, SequencePacker, TokenPacker, rows_for
+from logitcache.pipeline.distill.collate import (
+    PackedBatches,
+    SequenceBatch,
+    SequencePacker,
+    TokenBatch,
+    TokenPacker,
+    rows_for,
+)
 from logitcache.pipeline.distill.dataset import CacheDataset
 from logitcache.pipeline.distill.distributed import Ranks, data_parallel, rank_seed
 from logitcache.pipeline.distill.losses import check_loss_supported
@@ -73,6 +81,7 @@ from logitcache.pipeline.distill.students import (
 )
 from logitcache.pipeline.distill.training import StudentRun, StudentTexts
 from logitcache.stages.evaluate import evaluate_students, write_students_report
+from logitcache.storage_schemas.manifest import Manifest
 from logitcache.storage_schemas.shard_reader import CacheReader
 
 
@@ -124,20 +133,87 @@ def train_students(cfg: JobConfig, *, resume: bool = True, progress: bool = True
         return _train(cfg, ranks=ranks, resume=resume, progress=progress)
 
 
+@dataclass(kw_only=True)
+class _TrainingRun:
+    """What stage two holds from step to step, on one rank."""
+
+    cfg: JobConfig
+    ranks: Ranks
+    progress: bool  # bars and messages on stderr (rank 0 only)
+    started: float  # time.perf_counter() when the run began
+    runs: dict[str, StudentRun]  # by student name, in the config's order
+    texts: dict[str, StudentTexts]  # the classification students' own texts, by name
+    skipped: dict[str, str]  # corrupt shard -> problem (on_corrupt_shard: skip)
+    dataset: CacheDataset
+    packer: TokenPacker | SequencePacker
+    store: CheckpointStore
+    digests: dict[str, str]  # student name -> config_digest
+    configs: dict[str, dict[str, Any]]  # student name -> its config, for naming what changed
+    batches: int = 0  # shared batches read on this rank, the checkpoints' count
+    resumed_from: int | None = None
+    logs: dict[str, TextIO] = field(default_factory=dict)  # metrics.jsonl by student name (rank 0 only)
+    bars: dict[str, tqdm] = field(default_factory=dict)
+
+    @property
+    def output(self) -> Path:
+        return Path(self.cfg.train.output)
+
+    @property
+    def done(self) -> bool:
+        return all(run.done for run in self.runs.values())
+
+
 def _train(cfg: JobConfig, *, ranks: Ranks, resume: bool, progress: bool) -> TrainSummary:
+    training = _open_run(cfg, ranks=ranks, progress=progress and ranks.is_main)
+    checkpoint = _shared_latest(training.store, ranks) if resume else None
+    if checkpoint is not None:
+        _resume(training, checkpoint)
+    elif not resume and ranks.is_main:
+        _remove_logs(training)
+    loader = _open_loader(training)
+    _open_logs(training, trim=resume)
+    trained = not training.done  # False: a finished run, resumed
+    stream = iter(loader) if trained else iter(())
+    try:
+        if trained:
+            _train_until_done(training, stream)
+    finally:
+        for bar in training.bars.values():
+            bar.close()
+    return _finish(training, trained=trained)
+
+
+def _open_run(cfg: JobConfig, *, ranks: Ranks, progress: bool) -> _TrainingRun:
+    """Steps 1 and 2, and the reader of step 3 at the start of the training split."""
     started = time.perf_counter()
-    progress = progress and ranks.is_main
     # from_pretrained and save_pretrained (at every checkpoint) draw bars of their own, which
     # would break up the students' bars
     from transformers.utils import logging as transformers_logging
 
     transformers_logging.disable_progress_bar()
     train = cfg.train
-    output = Path(train.output)
-
-    # 1. the cache, and what each student's loss needs from it
     reader = CacheReader(cfg.cache)
     manifest = reader.manifest
+    _check_cache(cfg, manifest)
+    length = _batch_length(cfg, manifest)
+    shared_rows = rows_for(train.batch_tokens, length)
+    pieces = [piece_rows(cfg, index, length=length) for index in range(len(cfg.students))]
+    skipped = _corrupt_shards(cfg, reader, ranks) if train.on_corrupt_shard == "skip" else {}
+    students = _build_students(cfg, manifest=manifest, ranks=ranks)
+    texts = {s.name: own_texts(cfg, s) for s in students if s.reads_text}
+    runs = {s.name: StudentRun.create(s, total_steps=train.steps, texts=texts.get(s.name), ranks=ranks,
+                                      shared_rows=shared_rows, piece_rows=rows)
+            for s, rows in zip(students, pieces, strict=True)}
+    return _TrainingRun(
+        cfg=cfg, ranks=ranks, progress=progress, started=started, runs=runs, texts=texts, skipped=skipped,
+        digests={s.name: config_digest(s.cfg) for s in students},
+        configs={s.name: config_to_dict(s.cfg) for s in students},
+        dataset=_training_split(cfg, ranks=ranks, skipped=skipped), store=CheckpointStore(train.output),
+        packer=_packer(cfg, manifest, students, device=ranks.device, rows=shared_rows, length=length))
+
+
+def _check_cache(cfg: JobConfig, manifest: Manifest) -> None:
+    """Refuse a cache without shards, and students whose loss needs what the cache lacks."""
     if not manifest.shards:
         raise ConfigError(f"cache: {cfg.cache} has no committed shards yet; run `logitcache build` first")
     for index, student_cfg in enumerate(cfg.students):
@@ -145,153 +221,196 @@ def _train(cfg: JobConfig, *, ranks: Ranks, resume: bool, progress: bool) -> Tra
             check_loss_supported(student_cfg.loss, manifest.kind)
         except ConfigError as error:
             raise ConfigError(f"students[{index}].loss: {error}") from None
-    length = _batch_length(cfg, manifest)
-    shared_rows = rows_for(train.batch_tokens, length)
-    pieces = [piece_rows(cfg, index, length=length) for index in range(len(cfg.students))]
-    skipped = _corrupt_shards(cfg, reader, ranks) if train.on_corrupt_shard == "skip" else {}
 
-    # 2. the students (under torchrun: rank 0's initial weights on every rank, and a torch RNG
-    # of its own per rank, for dropout)
-    device = ranks.device
-    students = [build_student(s, manifest=manifest, device=device, seed=train.seed) for s in cfg.students]
+
+def _build_students(cfg: JobConfig, *, manifest: Manifest, ranks: Ranks) -> list[Student]:
+    """The students; under torchrun with rank 0's initial weights on every rank, and a torch
+    RNG of its own per rank (for dropout)."""
+    students = [build_student(s, manifest=manifest, device=ranks.device, seed=cfg.train.seed) for s in cfg.students]
     for student in students:
         ranks.broadcast_module(student.model)
     if ranks.distributed:
-        torch.manual_seed(rank_seed(train.seed, ranks.rank))
-    texts = {s.name: own_texts(cfg, s) for s in students if s.reads_text}
-    runs = {s.name: StudentRun.create(s, total_steps=train.steps, texts=texts.get(s.name), ranks=ranks,
-                                      shared_rows=shared_rows, piece_rows=rows)
-            for s, rows in zip(students, pieces, strict=True)}
-    digests = {s.name: config_digest(s.cfg) for s in students}
-    configs = {s.name: config_to_dict(s.cfg) for s in students}
+        torch.manual_seed(rank_seed(cfg.train.seed, ranks.rank))
+    return students
 
-    # 3. the reader, resumed where the newest checkpoint stopped
+
+def _training_split(cfg: JobConfig, *, ranks: Ranks, skipped: dict[str, str]) -> CacheDataset:
+    train = cfg.train
     dataset = CacheDataset(cfg.cache, seed=train.seed, epochs=None, shuffle_buffer=train.shuffle_buffer,
                            split="train", held_out_fraction=cfg.eval.held_out_fraction,
                            languages=train.languages, lang_alpha=train.lang_alpha,
                            rank=ranks.rank, world_size=ranks.world_size,
                            verify=train.on_corrupt_shard == "stop", skip_shards=skipped, lanes=train.lanes)
     dataset.lanes_for(train.num_workers)  # refuses lanes the workers cannot share, before any work
-    store = CheckpointStore(output)
-    summary = TrainSummary(output=str(output), world_size=ranks.world_size, rank=ranks.rank,
-                           skipped_shards=skipped)
-    batches = 0
-    checkpoint = _shared_latest(store, ranks) if resume else None
-    if checkpoint is not None:
-        check_resumable(checkpoint, digests=digests, configs=configs, steps=train.steps)
-        for name, run in runs.items():
-            run.student.model.load_state_dict(_saved_model(checkpoint.student_dir(name), run.student).state_dict())
-            run.load_state_dict(checkpoint.run_state(name))
-        dataset.load_state_dict(checkpoint.trainer["dataset"])
-        if not restore_rng(checkpoint.trainer, rank=ranks.rank, world_size=ranks.world_size):
-            torch.manual_seed(rank_seed(train.seed, ranks.rank, batches=checkpoint.batches))
-        batches = summary.resumed_from = checkpoint.batches
-        if progress:
-            tqdm.write(f"resuming from {_described(checkpoint)}", file=sys.stderr)
-    elif not resume and output.exists() and ranks.is_main:
-        for name in runs:
-            (output / name / "metrics.jsonl").unlink(missing_ok=True)
+    return dataset
 
-    if dataset.records_per_epoch() == 0:
+
+def _resume(training: _TrainingRun, checkpoint: Checkpoint) -> None:
+    """Every student, the reader and the torch RNG where ``checkpoint`` left them (refused
+    when it was written for other students or another ``train.steps``)."""
+    train, ranks = training.cfg.train, training.ranks
+    check_resumable(checkpoint, digests=training.digests, configs=training.configs, steps=train.steps)
+    for name, run in training.runs.items():
+        run.student.model.load_state_dict(_saved_model(checkpoint.student_dir(name), run.student).state_dict())
+        run.load_state_dict(checkpoint.run_state(name))
+    training.dataset.load_state_dict(checkpoint.trainer["dataset"])
+    if not restore_rng(checkpoint.trainer, rank=ranks.rank, world_size=ranks.world_size):
+        torch.manual_seed(rank_seed(train.seed, ranks.rank, batches=checkpoint.batches))
+    training.batches = training.resumed_from = checkpoint.batches
+    if training.progress:
+        tqdm.write(f"resuming from {_described(checkpoint)}", file=sys.stderr)
+
+
+def _remove_logs(training: _TrainingRun) -> None:
+    """A run started afresh (--no-resume) logs anew."""
+    if training.output.exists():
+        for name in training.runs:
+            (training.output / name / "metrics.jsonl").unlink(missing_ok=True)
+
+
+def _open_loader(training: _TrainingRun) -> torch.utils.data.DataLoader:
+    if training.dataset.records_per_epoch() == 0:
         raise StudentError("the training split of the cache is empty (every record is held out or filtered "
                            "out by train.languages); lower eval.held_out_fraction or widen the filter")
-    loader = torch.utils.data.DataLoader(
-        PackedBatches(dataset, _packer(cfg, manifest, students, device=device, rows=shared_rows, length=length)),
+    train = training.cfg.train
+    return torch.utils.data.DataLoader(
+        PackedBatches(training.dataset, training.packer),
         batch_size=None,
-        num_workers=train.num_workers, pin_memory=pins_memory(train.pin_memory, device),
+        num_workers=train.num_workers, pin_memory=pins_memory(train.pin_memory, training.ranks.device),
         persistent_workers=train.num_workers > 0)
-    if resume and ranks.is_main:  # what a killed run logged past its checkpoint is logged again below
-        for name, run in runs.items():
-            _trim_log(output / name / "metrics.jsonl", step=run.step, done=run.done)
-    logs = {name: _open_log(output / name) for name in runs} if ranks.is_main else {}
-    if skipped:
-        for name, log in logs.items():
-            _log(log, {"step": runs[name].step, "skipped_shards": len(skipped),
-                       "skipped_shard_paths": sorted(skipped)})
-    bars = {name: tqdm(total=train.steps, initial=run.step, desc=name, unit="step", position=i,
-                       disable=not progress, dynamic_ncols=True) for i, (name, run) in enumerate(runs.items())}
 
-    def save() -> None:  # on every rank; rank 0 writes
-        for run in runs.values():
-            run.gather_pending()
-        trainer = {"dataset": dataset.state_dict(), "train_steps": train.steps, "configs": configs,
-                   "students": {n: {"config_digest": digests[n], "step": r.step} for n, r in runs.items()}}
-        if ranks.distributed:
-            gathered = ranks.gather_objects((trainer["dataset"], torch.get_rng_state().tolist()))
-            trainer["dataset"] = CacheDataset.merge_states(state for state, _ in gathered)
-            trainer["rank_rng"] = [rng for _, rng in gathered]
-            trainer["world_size"] = ranks.world_size
-        if ranks.is_main:
-            store.save(batches=batches, trainer=trainer, runs={n: (r.student, r) for n, r in runs.items()})
 
-    trained = not all(run.done for run in runs.values())  # False: a finished run, resumed
-    stream = iter(loader) if trained else iter(())
-    try:
-        while trained:
-            try:
-                batch = next(stream, None)
-            except CorruptShardError as error:  # from a DataLoader worker: drop its traceback
-                raise unwrap_worker_error(error) from None
-            if not ranks.any(batch is not None):  # under torchrun: a dry rank goes on adding nothing
-                break
-            if batch is not None:
-                dataset.observe(batch.cursors)
-                batch = batch.to(device, non_blocking=True).decoded()  # top-k widened on the device
-            batches += 1
+def _open_logs(training: _TrainingRun, *, trim: bool) -> None:
+    """Rank 0's metrics logs (with ``trim``, first cut back to the steps the run resumes
+    from) and the progress bars."""
+    output, runs = training.output, training.runs
+    if training.ranks.is_main:
+        if trim:  # what a killed run logged past its checkpoint is logged again
             for name, run in runs.items():
-                if run.done:
-                    continue
-                for row in run.train_on_shared(batch):
-                    if not ranks.is_main:
-                        continue
-                    _log(logs[name], row)
-                    bars[name].update(1)
-                    bars[name].set_postfix_str(f"loss {row['loss']:.4f}" if "loss" in row else "")
-                    if train.eval_every and row["step"] % train.eval_every == 0 and row["step"] < train.steps:
-                        results = _evaluate_into(cfg, {name: run.student}, logs, steps={name: row["step"]},
-                                                 texts=texts, skipped=skipped)
-                        if progress:
-                            shown = _shown_metrics(results[name]["metrics"].get("all") or {})
-                            tqdm.write(f"{name} step {row['step']}: held-out {shown}", file=sys.stderr)
-            if train.save_every and batches % train.save_every == 0:
-                save()
-            if all(run.done for run in runs.values()):
-                break
-    finally:
-        for bar in bars.values():
-            bar.close()
-    if not all(run.done for run in runs.values()):
-        raise StudentError(f"the cache's training split ran dry after {batches} batches (every record held out "
+                _trim_log(output / name / "metrics.jsonl", step=run.step, done=run.done)
+        training.logs = {name: _open_log(output / name) for name in runs}
+    if training.skipped:
+        for name, log in training.logs.items():
+            _log(log, {"step": runs[name].step, "skipped_shards": len(training.skipped),
+                       "skipped_shard_paths": sorted(training.skipped)})
+    training.bars = {name: tqdm(total=training.cfg.train.steps, initial=run.step, desc=name, unit="step",
+                                position=i, disable=not training.progress, dynamic_ncols=True)
+                     for i, (name, run) in enumerate(runs.items())}
+
+
+def _train_until_done(training: _TrainingRun, stream: Iterator[TokenBatch | SequenceBatch]) -> None:
+    """Step 3 and the checkpoints of step 4: every batch to every student still training,
+    until all of them are done or (on every rank) the stream runs dry."""
+    save_every = training.cfg.train.save_every
+    while True:
+        try:
+            batch = next(stream, None)
+        except CorruptShardError as error:  # from a DataLoader worker: drop its traceback
+            raise unwrap_worker_error(error) from None
+        if not training.ranks.any(batch is not None):  # under torchrun: a dry rank goes on adding nothing
+            return
+        _train_step(training, batch)
+        if save_every and training.batches % save_every == 0:
+            _save_checkpoint(training)
+        if training.done:
+            return
+
+
+def _train_step(training: _TrainingRun, batch: TokenBatch | SequenceBatch | None) -> None:
+    """One shared batch (None: this rank has run dry) for every student still training."""
+    if batch is not None:
+        training.dataset.observe(batch.cursors)
+        batch = batch.to(training.ranks.device, non_blocking=True).decoded()  # top-k widened on the device
+    training.batches += 1
+    for name, run in training.runs.items():
+        if run.done:
+            continue
+        for row in run.train_on_shared(batch):
+            if training.ranks.is_main:
+                _record_step(training, name, row)
+
+
+def _record_step(training: _TrainingRun, name: str, row: dict[str, Any]) -> None:
+    """On rank 0: log an optimizer step of student ``name``, move its bar, evaluate if due."""
+    _log(training.logs[name], row)
+    bar = training.bars[name]
+    bar.update(1)
+    bar.set_postfix_str(f"loss {row['loss']:.4f}" if "loss" in row else "")
+    _evaluate_periodically(training, name, step=row["step"])
+
+
+def _evaluate_periodically(training: _TrainingRun, name: str, *, step: int) -> None:
+    """Evaluate student ``name`` on the held-out split every ``eval_every`` steps before the
+    last (the final evaluation comes with the final models)."""
+    cfg = training.cfg
+    if not (cfg.train.eval_every and step % cfg.train.eval_every == 0 and step < cfg.train.steps):
+        return
+    results = _evaluate_into(cfg, {name: training.runs[name].student}, training.logs, steps={name: step},
+                             texts=training.texts, skipped=training.skipped)
+    if training.progress:
+        shown = _shown_metrics(results[name]["metrics"].get("all") or {})
+        tqdm.write(f"{name} step {step}: held-out {shown}", file=sys.stderr)
+
+
+def _save_checkpoint(training: _TrainingRun) -> None:
+    """Step 4, on every rank (rank 0 writes): all students and the reader's position."""
+    ranks, runs = training.ranks, training.runs
+    for run in runs.values():
+        run.gather_pending()
+    trainer = {"dataset": training.dataset.state_dict(), "train_steps": training.cfg.train.steps,
+               "configs": training.configs,
+               "students": {n: {"config_digest": training.digests[n], "step": r.step} for n, r in runs.items()}}
+    if ranks.distributed:
+        gathered = ranks.gather_objects((trainer["dataset"], torch.get_rng_state().tolist()))
+        trainer["dataset"] = CacheDataset.merge_states(state for state, _ in gathered)
+        trainer["rank_rng"] = [rng for _, rng in gathered]
+        trainer["world_size"] = ranks.world_size
+    if ranks.is_main:
+        training.store.save(batches=training.batches, trainer=trainer,
+                            runs={n: (r.student, r) for n, r in runs.items()})
+
+
+def _finish(training: _TrainingRun, *, trained: bool) -> TrainSummary:
+    """The last checkpoint (unless the run was finished already), then step 5 on rank 0."""
+    ranks, runs, texts = training.ranks, training.runs, training.texts
+    if not training.done:
+        raise StudentError(f"the cache's training split ran dry after {training.batches} batches (every record held out "
                            "or filtered out by train.languages?); lower eval.held_out_fraction or widen the filter")
     if trained:
-        save()
+        _save_checkpoint(training)
     missing = dict(zip(texts, ranks.sum_values([runs[n].texts.missing for n in texts]), strict=True))
     ranks.barrier()  # the final checkpoint is complete before any rank returns
-    summary.batches = batches
     if not ranks.is_main:
-        summary.students = {n: {"steps": r.step, "tokens": r.tokens} for n, r in runs.items()}
-        summary.seconds = time.perf_counter() - started
-        return summary
+        return _summary(training, students={n: {"steps": r.step, "tokens": r.tokens} for n, r in runs.items()})
+    return _publish(training, missing=missing)
 
-    # 5. final models, evaluation, report (rank 0)
-    finals = {}
-    for name, run in runs.items():
-        final = output / name / "final"
-        run.student.save(final)
-        finals[name] = run.student
-    evaluation = _evaluate_into(cfg, finals, logs, steps={n: r.step for n, r in runs.items()}, texts=texts,
-                                skipped=skipped)
-    for log in logs.values():
+
+def _publish(training: _TrainingRun, *, missing: dict[str, float]) -> TrainSummary:
+    """Step 5 (rank 0): final models, their evaluation, the report and ``train_summary.json``."""
+    cfg, output, runs = training.cfg, training.output, training.runs
+    finals = {name: run.student for name, run in runs.items()}
+    for name, student in finals.items():
+        student.save(output / name / "final")
+    evaluation = _evaluate_into(cfg, finals, training.logs, steps={n: r.step for n, r in runs.items()},
+                                texts=training.texts, skipped=training.skipped)
+    for log in training.logs.values():
         log.close()
+    students = {}
     for name, run in runs.items():
-        summary.students[name] = {"steps": run.step, "tokens": run.tokens, "seconds": round(run.seconds, 2),
-                                  "final": str(output / name / "final"), "eval": evaluation.get(name)}
+        students[name] = {"steps": run.step, "tokens": run.tokens, "seconds": round(run.seconds, 2),
+                          "final": str(output / name / "final"), "eval": evaluation.get(name)}
         if missing.get(name):
-            summary.students[name]["records_without_text"] = int(missing[name])
-    summary.report = str(write_students_report(cfg, finals, evaluation))
-    summary.seconds = time.perf_counter() - started
+            students[name]["records_without_text"] = int(missing[name])
+    summary = _summary(training, students=students, report=str(write_students_report(cfg, finals, evaluation)))
     (output / "train_summary.json").write_text(json.dumps(summary.to_dict(), indent=2, default=str), encoding="utf-8")
     return summary
+
+
+def _summary(training: _TrainingRun, *, students: dict[str, dict[str, Any]], report: str | None = None) -> TrainSummary:
+    return TrainSummary(output=str(training.output), batches=training.batches, resumed_from=training.resumed_from,
+                        seconds=time.perf_counter() - training.started, students=students, report=report,
+                        world_size=training.ranks.world_size, rank=training.ranks.rank,
+                        skipped_shards=training.skipped)
 
 
 def interrupted_message(cfg: JobConfig) -> str:

@@ -4,7 +4,7 @@ Two builds committing into one cache at once would each rewrite the manifest fro
 copy, and the later rewrite would drop the other's shards. A build therefore holds
 ``CACHE/_lock`` for as long as it may write. The lock file says who holds it (host, pid,
 a random token) and when it last proved to be alive: a thread rewrites its ``heartbeat``
-every ``heartbeat_seconds``.
+every ``heartbeat_seconds`` (one :meth:`CacheLock.beat` each time).
 
 A lock whose holder is gone is *stale* and is taken over:
 
@@ -27,6 +27,7 @@ import socket
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from typing import Any
 
 from logitcache.errors import LogitcacheError
@@ -40,20 +41,28 @@ class CacheLockedError(LogitcacheError):
 
 
 class CacheLock:
-    """Exclusive right to write into the cache at ``location`` (a context manager)."""
+    """Exclusive right to write into the cache at ``location`` (a context manager).
+
+    ``clock`` (keyword-only) is the wall clock, in seconds since the epoch, that the lock
+    stamps its heartbeats with and judges another holder's age by (``time.time``; holders
+    on other hosts compare against it, so it must be wall time). Tests pass a clock they
+    move by hand, so that staleness does not depend on how fast the machine runs; the pause
+    between heartbeats (``heartbeat_seconds``) is always real time.
+    """
 
     def __init__(self, location: CacheLocation | str, *, stale_after: float = 120.0,
-                 heartbeat_seconds: float = 10.0) -> None:
+                 heartbeat_seconds: float = 10.0, clock: Callable[[], float] = time.time) -> None:
         self.location = location if isinstance(location, CacheLocation) else CacheLocation(location)
         self.stale_after = stale_after
         self.heartbeat_seconds = heartbeat_seconds
+        self.clock = clock
         self.token = uuid.uuid4().hex
         self.took_over: dict[str, Any] | None = None  # the stale lock this one replaced, if any
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
     def _record(self) -> dict[str, Any]:
-        now = time.time()
+        now = self.clock()
         return {"host": socket.gethostname(), "pid": os.getpid(), "token": self.token,
                 "acquired": getattr(self, "_acquired", now), "heartbeat": now}
 
@@ -70,11 +79,11 @@ class CacheLock:
         same_host = holder.get("host") == socket.gethostname() and isinstance(holder.get("pid"), int)
         if same_host and not _process_alive(holder["pid"]):
             return True
-        return time.time() - float(holder.get("heartbeat", 0)) > self.stale_after
+        return self.clock() - float(holder.get("heartbeat", 0)) > self.stale_after
 
     def acquire(self) -> CacheLock:
         self.location.makedirs("")
-        self._acquired = time.time()
+        self._acquired = self.clock()
         for _ in range(3):
             if self._create():
                 self._start_heartbeat()
@@ -83,7 +92,7 @@ class CacheLock:
             if holder is None:
                 continue  # released between our attempt and our look
             if not self.is_stale(holder):
-                raise CacheLockedError(_locked_message(self.location, holder, self.stale_after))
+                raise CacheLockedError(_locked_message(self.location, holder, self.stale_after, self.clock()))
             self.took_over = holder
             self.location.remove(LOCK_FILE)
         raise CacheLockedError(f"{self.location.url}: could not take the build lock ({LOCK_FILE}); "
@@ -116,10 +125,18 @@ class CacheLock:
 
     def _beat(self) -> None:
         while not self._stop.wait(self.heartbeat_seconds):
-            holder = self.holder()
-            if holder is None or holder.get("token") != self.token:
+            if not self.beat():
                 return  # taken over (we looked dead): the build will find out at its next commit
-            self.location.write_atomic(LOCK_FILE, json.dumps(self._record()).encode("utf-8"))
+
+    def beat(self) -> bool:
+        """One heartbeat, as the heartbeat thread runs it every ``heartbeat_seconds``: stamp the
+        lock file with the clock's time if this lock still holds it. False, writing nothing,
+        when it does not (another build took it over)."""
+        holder = self.holder()
+        if holder is None or holder.get("token") != self.token:
+            return False
+        self.location.write_atomic(LOCK_FILE, json.dumps(self._record()).encode("utf-8"))
+        return True
 
     def ensure_held(self) -> None:
         """Raise when another build has taken the lock over (this one looked dead to it)."""
@@ -156,9 +173,9 @@ def _process_alive(pid: int) -> bool:
     return True
 
 
-def _locked_message(location: CacheLocation, holder: dict[str, Any], stale_after: float) -> str:
+def _locked_message(location: CacheLocation, holder: dict[str, Any], stale_after: float, now: float) -> str:
     since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(float(holder.get("acquired", 0))))
-    age = time.time() - float(holder.get("heartbeat", 0))
+    age = now - float(holder.get("heartbeat", 0))
     return (f"{location.url} is being written by another build (host {holder.get('host')}, pid {holder.get('pid')}, "
             f"since {since}, alive {age:.0f} s ago). Wait for it to finish; builds into one cache must not run at "
             f"once. If that build is dead on another machine, its lock is taken over once it has been silent for "

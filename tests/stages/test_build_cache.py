@@ -2,10 +2,10 @@
 
 import json
 import os
+import select
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -210,28 +210,49 @@ def _cli_config(tmp_path, corpus_dir, model, unit_documents=4) -> Path:
     return path
 
 
+#: ``python -c`` code running the CLI whose commit thread, once it has committed its
+#: ``{units}``-th unit, writes "committed" to file descriptor ``{fd}`` and waits there until
+#: the process is killed: no later unit can commit, while the teacher goes on with the next
+PAUSE_AFTER_COMMITS = """
+import os, sys, threading
+from logitcache.cli import main
+from logitcache.pipeline.common.committer import BackgroundCommitter
+commit = BackgroundCommitter._commit
+def commit_then_wait(self, *args, **kwargs):
+    entry = commit(self, *args, **kwargs)
+    if len(self.writer.committed_units) == {units}:
+        os.write({fd}, b"committed")
+        threading.Event().wait()
+    return entry
+BackgroundCommitter._commit = commit_then_wait
+main(sys.argv[1:], prog_name="logitcache")
+"""
+
+
 def test_sigkill_and_resume_equals_an_uninterrupted_build(tmp_path, corpus_dir, tiny_causal_lm_dir):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
     command = [sys.executable, "-m", "logitcache", "build", "--no-progress"]
     path = _cli_config(tmp_path, corpus_dir, tiny_causal_lm_dir)
-    manifest = tmp_path / "cache" / "manifest.json"
-    process = subprocess.Popen([*command, str(path)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    deadline = time.time() + 120
-    committed = 0
-    while time.time() < deadline and process.poll() is None:
-        if manifest.exists():
-            try:
-                committed = len(json.loads(manifest.read_text())["shards"])
-            except (json.JSONDecodeError, KeyError):
-                committed = 0
-            if committed >= 2:
-                break
-        time.sleep(0.02)
-    assert process.poll() is None, "the build finished before it could be killed: " + process.stderr.read().decode()
-    process.send_signal(signal.SIGKILL)
-    process.wait()
+    told, tell = os.pipe()
+    with (tmp_path / "killed.stderr").open("wb") as stderr:
+        process = subprocess.Popen([sys.executable, "-c", PAUSE_AFTER_COMMITS.format(units=2, fd=tell), "build",
+                                    "--no-progress", str(path)], env=env, stdout=subprocess.DEVNULL, stderr=stderr,
+                                   pass_fds=(tell,))
+    os.close(tell)
+    try:
+        # a safety limit against a hang only: the build is killed when it says so, however slow
+        if not select.select([told], [], [], 300)[0]:
+            pytest.fail("the build neither reached its second commit nor ended in 300 s")
+        message = os.read(told, 64)  # b"" if the build ended without saying it
+        assert message == b"committed", \
+            f"the build ended (exit {process.wait()}) before its second commit: {(tmp_path / 'killed.stderr').read_text()}"
+        process.send_signal(signal.SIGKILL)
+    finally:
+        os.close(told)
+        process.kill()
+        process.wait()
     partial = CacheReader(str(tmp_path / "cache")).shards
-    assert 2 <= len(partial) < 14  # 2 files x 7 units of 4 documents
+    assert len(partial) == 2  # of 14: 2 files x 7 units of 4 documents
     done = subprocess.run([*command, "--json", str(path)], env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     summary = json.loads(done.stdout)

@@ -45,8 +45,10 @@ def test_two_builds_started_together_leave_one_whole_cache(tmp_path, corpus_dir,
     env = {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())}
     builds = [subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
               for _ in range(2)]
-    results = [(b.wait(timeout=300), b.stderr.read()) for b in builds]
-    for code, stderr in results:
+    # communicate, not wait: a build blocked on a full stderr pipe never ends (300 s: a hang guard only)
+    stderrs = [b.communicate(timeout=300)[1] for b in builds]
+    for build, stderr in zip(builds, stderrs, strict=True):
+        code = build.returncode
         assert code == 0 or (code == 1 and "being written by another build" in stderr), stderr[-2000:]
     assert verify_cache(str(tmp_path / "cache"), deep=True).ok
     assert sorted_by_record(read_all(tmp_path / "cache")[1]).equals(sorted_by_record(read_all(tmp_path / "reference")[1]))

@@ -1,7 +1,6 @@
 import itertools
 import json
 import pickle
-import threading
 from collections import Counter
 
 import numpy as np
@@ -405,16 +404,23 @@ def test_endless_and_counted_epochs(cache):
     assert Counter(r.record_id for r in two) == Counter(all_ids(cache) * 2)
 
 
-def test_endless_stream_of_an_empty_share_stops(tmp_path):
+def test_endless_stream_of_an_empty_share_stops(tmp_path, monkeypatch):
     # one block per shard and no shuffling: rank 0 of 2 always gets the "de" shards only
     url = build_cache(tmp_path / "c", shards=4, records=10, row_group_tokens=10**6,
                       langs=lambda i, n: ["en" if i % 2 else "de"] * n)
-    result = []
-    reader = threading.Thread(daemon=True, target=lambda: result.extend(
-        CacheDataset(url, epochs=None, shuffle_buffer=0, languages=["en"], rank=0, world_size=2)))
-    reader.start()
-    reader.join(timeout=20)
-    assert not reader.is_alive() and result == []
+    planned = []  # the epochs the stream went through: a stream that spins plans one after another
+    plan = CacheDataset._plan
+
+    def plan_or_stop(self, epoch):
+        planned.append(epoch)
+        if len(planned) > 100:
+            raise AssertionError(f"the stream is still going after {len(planned)} epochs that gave it nothing")
+        return plan(self, epoch)
+
+    monkeypatch.setattr(CacheDataset, "_plan", plan_or_stop)
+    result = list(CacheDataset(url, epochs=None, shuffle_buffer=0, languages=["en"], rank=0, world_size=2))
+    assert result == [] and planned
+    monkeypatch.undo()
     other = CacheDataset(url, epochs=None, shuffle_buffer=0, languages=["en"], rank=1, world_size=2)
     assert len(list(itertools.islice(other, 50))) == 50
 
