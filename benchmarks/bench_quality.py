@@ -104,13 +104,14 @@ class Settings:
     teacher_steps: int = 400
     teacher_docs: int = 7000
     threads: int = 2
+    device: str = "cpu"  # where teachers and students run; on cuda as stage one and two run there (bf16)
     quick: bool = False
 
     def base(self, seed: int) -> bs.Settings:
         """bench_students' settings for the teacher, the job and the student initialisation."""
         return bs.Settings(teacher_steps=self.teacher_steps, teacher_docs=self.teacher_docs, steps=self.steps,
                            batch_tokens=self.batch_tokens, lr=self.lr, warmup=self.warmup, seed=seed,
-                           threads=self.threads, held_out=0.05)
+                           threads=self.threads, held_out=0.05, device=self.device)
 
 
 QUICK = {"ks": (8, 64), "samples": (16,), "hybrid": ((8, 16),), "tails": ("bucket",), "temperatures": (1.0,),
@@ -188,7 +189,7 @@ class Sums:
         return total / max(1, sum(self.positions.get(x, 0) for x in langs))
 
 
-def heldout_batches(cache: str, held_out: float, rows: int = 32):
+def heldout_batches(cache: str, held_out: float, device: torch.device, rows: int = 32):
     """The held-out records, one window per row, right-padded: (langs, input_ids, attention_mask)."""
     records = list(CacheDataset(cache, seed=0, epochs=1, shuffle_buffer=0, split="eval",
                                 held_out_fraction=held_out))
@@ -201,15 +202,17 @@ def heldout_batches(cache: str, held_out: float, rows: int = 32):
         for row, record in enumerate(part):
             ids[row, :len(record.input_ids)] = torch.from_numpy(record.input_ids.astype(np.int64))
             mask[row, :len(record.input_ids)] = 1
-        yield [r.lang for r in part], ids, mask
+        yield [r.lang for r in part], ids.to(device), mask.to(device)
 
 
 @torch.inference_mode()
 def evaluate(cache: str, held_out: float, teacher: Any, students: dict[str, Any],
              ks: tuple[int, ...]) -> tuple[Sums, dict[str, Sums]]:
-    """Teacher facts and every student's CE, full-vocabulary KL and top-1 agreement, per language."""
+    """Teacher facts and every student's CE, full-vocabulary KL and top-1 agreement, per language
+    (in float32, on the teacher's device)."""
     teacher_sums, student_sums = Sums(), {name: Sums() for name in students}
-    for langs, ids, mask in heldout_batches(cache, held_out):
+    device = next(teacher.parameters()).device
+    for langs, ids, mask in heldout_batches(cache, held_out, device):
         logp = torch.log_softmax(teacher(input_ids=ids, attention_mask=mask).logits.float(), -1)
         targets = ids[:, 1:]
         valid = mask[:, 1:].bool()  # position t predicts token t + 1 of the same window
@@ -226,7 +229,7 @@ def evaluate(cache: str, held_out: float, teacher: Any, students: dict[str, Any]
             teacher_sums.add(lang, ce=t_nll[row][v].sum(), entropy=entropy[row][v].sum(),
                              **{f"mass{k}": m[row][v].sum() for k, m in mass.items()})
         for name, model in students.items():
-            logq = torch.log_softmax(model(input_ids=ids, attention_mask=mask).logits.float(), -1)[:, :-1]
+            logq = torch.log_softmax(model.to(device)(input_ids=ids, attention_mask=mask).logits.float(), -1)[:, :-1]
             logq = logq[..., :logp.shape[-1]]
             kl = (p * (logp - logq)).sum(-1)
             nll = -logq.gather(-1, targets[..., None])[..., 0]
@@ -320,7 +323,7 @@ def run_regime(name: str, work: Path, s: Settings) -> RegimeResult:
             train_students(job, resume=False, progress=False)
             for x in settings:
                 result.settings[x.name] = x
-                models[f"{x.name}@{seed}"] = AutoModelForCausalLM.from_pretrained(out / x.name / "final").eval()
+                models[f"{x.name}@{seed}"] = AutoModelForCausalLM.from_pretrained(out / x.name / "final").float().eval()
         # the reference: the teacher online, its full distribution as the target, same batches
         job = bs.job(first.cache, corpus, teacher_dir, work / "unused", seeded,
                      soft_labels=soft_label_sets(s)[next(iter(caches))])
@@ -332,10 +335,10 @@ def run_regime(name: str, work: Path, s: Settings) -> RegimeResult:
                 entry = student_entry(x, init_dir, s)
                 _, student = bs.run_online(job, StudentConfig(**entry), batches)
                 result.settings[x.name] = x
-                models[f"{x.name}@{seed}"] = student.model.eval()
+                models[f"{x.name}@{seed}"] = student.model.float().eval()
 
     log(f"[{name}] evaluating {len(models)} students on the held-out split")
-    teacher = AutoModelForCausalLM.from_pretrained(teacher_dir).eval()
+    teacher = AutoModelForCausalLM.from_pretrained(teacher_dir).float().to(base.torch_device).eval()
     result.teacher_sums, sums = evaluate(str(first.cache), base.held_out, teacher, models, s.ks)
     for key, value in sums.items():
         setting, seed = key.rsplit("@", 1)
@@ -421,7 +424,8 @@ def render(results: list[RegimeResult], s: Settings, command: str) -> str:
              f"`{command}`", "",
              f"Students: Llama hidden 64, 1 layer, {s.steps} steps of {s.batch_tokens} tokens (about "
              f"{s.epochs:g} epochs of the training split), lr {s.lr:g}, forward KL; seeds {list(s.seeds)} "
-             f"(± is half the range over seeds); values {s.values}; {bs.cpu_model()}, {s.threads} threads.", ""]
+             f"(± is half the range over seeds); values {s.values}; {bs.cpu_model()}, {s.threads} threads, "
+             f"device {s.device}.", ""]
     for r in results:
         lines += regime_section(r, s)
     return "\n".join(lines)
@@ -440,7 +444,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--temperatures", help="comma-separated temperatures of the top-k students (default 1,2)")
     parser.add_argument("--seeds", help="comma-separated seeds (default 0,1,2)")
     parser.add_argument("--steps", type=int, help="student steps (default 200; quick 80)")
+    parser.add_argument("--batch-tokens", type=int, help="train.batch_tokens (default 2048; quick 1024)")
+    parser.add_argument("--teacher-steps", type=int, help="teacher training steps (default 400; quick 150)")
+    parser.add_argument("--values", help="value codec of every cache (default float16, the config's default)")
     parser.add_argument("--threads", type=int, help="torch threads (default 2)")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                        help="where teachers and students run (default cpu); on cuda the teacher labels in bf16 "
+                        "and students train under bf16 autocast, as the stages run there; evaluation in float32")
     args = parser.parse_args(argv)
     s = Settings(**QUICK, quick=True) if args.quick else Settings()
     parse = {"regimes": str, "ks": int, "samples": int, "alphas": float, "temperatures": float, "seeds": int}
@@ -449,7 +459,11 @@ def main(argv: list[str] | None = None) -> int:
             setattr(s, key, tuple(kind(x) for x in getattr(args, key).split(",")))
     if args.hybrid:
         s.hybrid = tuple(tuple(int(x) for x in pair.split(":")) for pair in args.hybrid.split(","))
-    s = replace(s, steps=args.steps or s.steps, threads=args.threads or s.threads)
+    s = replace(s, steps=args.steps or s.steps, threads=args.threads or s.threads, device=args.device,
+                batch_tokens=args.batch_tokens or s.batch_tokens, teacher_steps=args.teacher_steps or s.teacher_steps,
+                values=args.values or s.values)
+    if s.device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: no CUDA GPU is available here; use --device cpu")
     unknown = set(s.regimes) - set(REGIMES)
     if unknown:
         raise SystemExit(f"--regimes: unknown {sorted(unknown)}; choose from {sorted(REGIMES)}")
