@@ -440,6 +440,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--ks", help="comma-separated top-k sizes (default 8,32,64,128)")
     parser.add_argument("--samples", help="comma-separated draws per position of the sampled caches (default 8,16,32,64)")
     parser.add_argument("--hybrid", help="comma-separated k:draws of hybrid caches (default 8:16)")
+    parser.add_argument("--tails", help="comma-separated tails of the top-k students (default bucket,renormalize)")
     parser.add_argument("--alphas", help="comma-separated loss.alpha values (default 0.5,1)")
     parser.add_argument("--temperatures", help="comma-separated temperatures of the top-k students (default 1,2)")
     parser.add_argument("--seeds", help="comma-separated seeds (default 0,1,2)")
@@ -453,7 +454,8 @@ def main(argv: list[str] | None = None) -> int:
                         "and students train under bf16 autocast, as the stages run there; evaluation in float32")
     args = parser.parse_args(argv)
     s = Settings(**QUICK, quick=True) if args.quick else Settings()
-    parse = {"regimes": str, "ks": int, "samples": int, "alphas": float, "temperatures": float, "seeds": int}
+    parse = {"regimes": str, "ks": int, "samples": int, "tails": str, "alphas": float, "temperatures": float,
+             "seeds": int}
     for key, kind in parse.items():
         if getattr(args, key):
             setattr(s, key, tuple(kind(x) for x in getattr(args, key).split(",")))
