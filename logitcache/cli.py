@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import click
@@ -22,11 +24,25 @@ import click
 from logitcache import __version__
 from logitcache.errors import LogitcacheError
 
+_PACKAGE = Path(__file__).resolve().parent
+_python_format_warning = warnings.formatwarning
+
+
+def format_warning(message: Warning | str, category: type[Warning], filename: str, lineno: int,
+                   line: str | None = None) -> str:
+    """logitcache's own warnings as one ``warning: ...`` line, as its errors are printed (the
+    source line that raised one means nothing to a user); other libraries' as Python prints them."""
+    if issubclass(category, UserWarning) and Path(filename).resolve().is_relative_to(_PACKAGE):
+        return f"warning: {message}\n"
+    return _python_format_warning(message, category, filename, lineno, line)
+
 
 class LogitcacheGroup(click.Group):
-    """A click group that turns deliberate logitcache errors into exit codes."""
+    """A click group that turns deliberate logitcache errors into exit codes and prints
+    logitcache's warnings as plain lines."""
 
     def invoke(self, ctx: click.Context) -> Any:
+        warnings.formatwarning = format_warning
         try:
             return super().invoke(ctx)
         except LogitcacheError as exc:

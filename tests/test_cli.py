@@ -203,3 +203,16 @@ def test_run_prints_its_whole_config_and_runs_nothing(tmp_path, monkeypatch):
                                                                                  default_job()["students"]]
     assert config_to_dict(printed)["soft_labels"] == config_to_dict(config_from_dict(default_job()))["soft_labels"]
     assert not (tmp_path / "runs").exists()
+
+
+def test_logitcache_warnings_print_as_one_line_and_others_as_python_prints_them():
+    import warnings
+
+    from logitcache import cli
+    from logitcache.stages import train_students
+
+    ours = cli.format_warning("students[s].loss.alpha=1 on a top-k cache", UserWarning, train_students.__file__, 9)
+    assert ours == "warning: students[s].loss.alpha=1 on a top-k cache\n"
+    theirs = cli.format_warning("deprecated", UserWarning, warnings.__file__, 3)
+    assert theirs.startswith(warnings.__file__) and "UserWarning: deprecated" in theirs
+    assert cli.format_warning("old", DeprecationWarning, train_students.__file__, 9).startswith(train_students.__file__)
