@@ -236,7 +236,7 @@ def _warn_about_settings(cfg: JobConfig, reader: CacheReader) -> None:
         return
     try:
         mass = mean_topk_mass(reader)
-    except LogitcacheError:  # a damaged first shard: the reader reports it where it matters
+    except LogitcacheError:  # a damaged shard: the training reader reports or skips it, as configured
         return
     for student_cfg in cfg.students:
         message = topk_alpha_warning(student_cfg.loss, kind=kind, mass=mass, where=f"students[{student_cfg.name}]")

@@ -30,11 +30,13 @@ MASS_WARNING = 0.9
 
 def mean_topk_mass(reader: CacheReader, *, positions: int = 65536) -> float | None:
     """Mean probability mass of the cached top-k over (about) the first ``positions`` labelled
-    positions of the cache; None for a cache without top-k or without positions."""
+    positions of the cache; None for a cache without top-k or without positions. Each shard is
+    checked against its sha256 before a block of it is read (a corrupt shard raises
+    :class:`~logitcache.errors.CorruptShardError`), so no damaged bytes are decoded here."""
     if not reader.layout.has_topk:
         return None
     total, count = 0.0, 0
-    for _, _, block in reader.iter_blocks(verify=False):
+    for _, _, block in reader.iter_blocks(verify=True):
         logprobs = block.decoded_topk_logprobs(reader.layout)
         if logprobs is None or not len(logprobs):
             continue
