@@ -27,7 +27,8 @@ batches). A CE-only student (alpha 0) is the floor.
 
 Settings: top-k at each ``--ks`` with both tails (bucket, renormalize), at temperatures 1 and
 2; sampled at each ``--samples`` (the unbiased estimator; T=1 only, which is all it supports);
-hybrid top-k head plus tail draws (``--hybrid k:n``); each at alpha 0.5 and 1 (``--alphas``),
+hybrid top-k head plus tail draws (``--hybrid k:n[:codec]``, default ``8:16:q8``: the
+soft labels a config gets by default); each at alpha 0.5 and 1 (``--alphas``),
 over ``--seeds`` (student initialisation and data order; teacher and corpora fixed).
 
 Evaluation, on the cache's held-out documents, each window on its own (right-padded, with an
@@ -36,7 +37,7 @@ vocabulary (the teacher run again), top-1 agreement with the teacher's argmax, p
 *Gain kept* is ``(m_ce_only - m) / (m_ce_only - m_full_kd)`` for m = KL and m = CE, with the
 full-KD reference at the same alpha and temperature: 100% means as good as full KD, 0% no
 better than no distillation, below 0 worse than no distillation. Figures are means over seeds
-with the spread (max - min) beside them.
+with half their range, (max - min) / 2, beside them as ±.
 
 Usage (from the repository root)::
 
@@ -90,7 +91,7 @@ class Settings:
     regimes: tuple[str, ...] = ("low", "high")
     ks: tuple[int, ...] = (8, 32, 64, 128)
     samples: tuple[int, ...] = (8, 16, 32, 64)
-    hybrid: tuple[tuple[int, int], ...] = ((8, 16),)
+    hybrid: tuple[tuple[int, int, str], ...] = ((8, 16, "q8"),)  # (k, draws, value codec; "" = ``values``)
     tails: tuple[str, ...] = ("bucket", "renormalize")
     alphas: tuple[float, ...] = (0.5, 1.0)
     temperatures: tuple[float, ...] = (1.0, 2.0)
@@ -114,7 +115,7 @@ class Settings:
                            threads=self.threads, held_out=0.05, device=self.device)
 
 
-QUICK = {"ks": (8, 64), "samples": (16,), "hybrid": ((8, 16),), "tails": ("bucket",), "temperatures": (1.0,),
+QUICK = {"ks": (8, 64), "samples": (16,), "hybrid": ((8, 16, "q8"),), "tails": ("bucket",), "temperatures": (1.0,),
          "seeds": (0,), "steps": 80, "batch_tokens": 1024, "teacher_steps": 150, "teacher_docs": 2500, "warmup": 8}
 
 
@@ -140,10 +141,17 @@ class Setting:
         return "-".join(parts).replace("+", "p").replace(".", "_")
 
 
+def mass_ks(s: Settings) -> tuple[int, ...]:
+    """The head sizes whose teacher mass the report states: every cached k, and 8 and 64."""
+    return tuple(sorted({*s.ks, *(k for k, _, _ in s.hybrid), 8, 64}))
+
+
 def soft_label_sets(s: Settings) -> dict[str, dict[str, Any]]:
     sets = {f"topk-{k}": {"mode": "topk", "k": k} for k in s.ks}
     sets.update({f"sampled-{n}": {"mode": "sampled", "samples": n, "k": 1} for n in s.samples})
-    sets.update({f"hybrid-{k}+{n}": {"mode": "topk+sampled", "k": k, "samples": n} for k, n in s.hybrid})
+    for k, n, codec in s.hybrid:
+        name = f"hybrid-{k}+{n}" + (f"-{codec}" if codec else "")
+        sets[name] = {"mode": "topk+sampled", "k": k, "samples": n, **({"values": codec} if codec else {})}
     return sets
 
 
@@ -298,7 +306,7 @@ def run_regime(name: str, work: Path, s: Settings) -> RegimeResult:
     caches: dict[str, JobConfig] = {}
     for labels, soft in soft_label_sets(s).items():
         cfg = bs.job(work / f"cache-{labels}", corpus, teacher_dir, work / "unused", base,
-                     soft_labels={**soft, "values": s.values})
+                     soft_labels={"values": s.values, **soft})
         log(f"[{name}] build_cache {labels}")
         build_cache(cfg, progress=False)
         manifest = CacheReader(str(cfg.cache)).manifest
@@ -339,7 +347,7 @@ def run_regime(name: str, work: Path, s: Settings) -> RegimeResult:
 
     log(f"[{name}] evaluating {len(models)} students on the held-out split")
     teacher = AutoModelForCausalLM.from_pretrained(teacher_dir).float().to(base.torch_device).eval()
-    result.teacher_sums, sums = evaluate(str(first.cache), base.held_out, teacher, models, s.ks)
+    result.teacher_sums, sums = evaluate(str(first.cache), base.held_out, teacher, models, mass_ks(s))
     for key, value in sums.items():
         setting, seed = key.rsplit("@", 1)
         result.students[(setting, int(seed))] = value
@@ -377,7 +385,7 @@ def cell(values: list[float], digits: int = 3) -> str:
 
 def regime_section(r: RegimeResult, s: Settings) -> list[str]:
     t = r.teacher_sums
-    masses = ", ".join(f"top-{k} {t.mean(f'mass{k}'):.2f}" for k in s.ks)
+    masses = ", ".join(f"top-{k} {t.mean(f'mass{k}'):.2f}" for k in mass_ks(s))
     lines = [f"### Regime: {r.name}", "",
              f"{r.language}; vocabulary {r.vocab:,}. Generator entropy {r.generator_entropy:.2f} nats. Teacher "
              f"({r.teacher['params'] / 1e6:.2f} M parameters, {s.teacher_steps} steps): held-out CE "
@@ -431,15 +439,25 @@ def render(results: list[RegimeResult], s: Settings, command: str) -> str:
     return "\n".join(lines)
 
 
+def hybrid_spec(spec: str) -> tuple[int, int, str]:
+    """``k:draws`` or ``k:draws:codec`` -> (k, draws, codec or "")."""
+    parts = spec.split(":")
+    if len(parts) not in (2, 3):
+        raise SystemExit(f"--hybrid: {spec!r} is not k:draws or k:draws:codec")
+    return int(parts[0]), int(parts[1]), parts[2] if len(parts) == 3 else ""
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="fewer settings, one seed, fewer steps (~15 min)")
     parser.add_argument("--out", type=Path, help="also write the markdown report here")
     parser.add_argument("--workdir", type=Path, help="keep everything here instead of a temporary directory")
     parser.add_argument("--regimes", help="comma-separated regimes (default low,high)")
-    parser.add_argument("--ks", help="comma-separated top-k sizes (default 8,32,64,128)")
-    parser.add_argument("--samples", help="comma-separated draws per position of the sampled caches (default 8,16,32,64)")
-    parser.add_argument("--hybrid", help="comma-separated k:draws of hybrid caches (default 8:16)")
+    parser.add_argument("--ks", help="comma-separated top-k sizes (default 8,32,64,128; none for no top-k cache)")
+    parser.add_argument("--samples", help="comma-separated draws per position of the sampled caches (default "
+                        "8,16,32,64; none for no sampled cache)")
+    parser.add_argument("--hybrid", help="comma-separated k:draws[:codec] of hybrid caches (default 8:16:q8; codec: "
+                        "that cache's value codec instead of --values)")
     parser.add_argument("--tails", help="comma-separated tails of the top-k students (default bucket,renormalize)")
     parser.add_argument("--alphas", help="comma-separated loss.alpha values (default 0.5,1)")
     parser.add_argument("--temperatures", help="comma-separated temperatures of the top-k students (default 1,2)")
@@ -457,10 +475,11 @@ def main(argv: list[str] | None = None) -> int:
     parse = {"regimes": str, "ks": int, "samples": int, "tails": str, "alphas": float, "temperatures": float,
              "seeds": int}
     for key, kind in parse.items():
-        if getattr(args, key):
-            setattr(s, key, tuple(kind(x) for x in getattr(args, key).split(",")))
+        value = getattr(args, key)
+        if value:
+            setattr(s, key, () if value == "none" else tuple(kind(x) for x in value.split(",")))
     if args.hybrid:
-        s.hybrid = tuple(tuple(int(x) for x in pair.split(":")) for pair in args.hybrid.split(","))
+        s.hybrid = tuple(hybrid_spec(spec) for spec in args.hybrid.split(","))
     s = replace(s, steps=args.steps or s.steps, threads=args.threads or s.threads, device=args.device,
                 batch_tokens=args.batch_tokens or s.batch_tokens, teacher_steps=args.teacher_steps or s.teacher_steps,
                 values=args.values or s.values)

@@ -234,22 +234,49 @@ class WindowsConfig(_Section):
             )
 
 
+#: What ``k``, ``samples``, ``values`` and ``entropy`` become when a config leaves them unset,
+#: per mode. ``topk+sampled`` (the default mode) with these kept 91-99% of full-distribution
+#: KD's gain by KL at alpha 0.5 and 1 in a low- and a high-entropy regime (three seeds), at
+#: under 40 B/token, where top-k alone
+#: lost to hard labels at alpha 1 (``benchmarks/bench_quality.py``, docs/quality.md). In the
+#: modes that keep no top-k (or draw nothing), the unused field keeps the top-k default.
+MODE_DEFAULTS: dict[str, dict[str, Any]] = {
+    "topk": {"k": 64, "samples": 50, "values": "float16", "entropy": False},
+    "sampled": {"k": 64, "samples": 50, "values": "float16", "entropy": True},
+    "topk+sampled": {"k": 8, "samples": 16, "values": "q8", "entropy": True},
+}
+
+
+#: The value codec of a classifier's class distributions when ``soft_labels.values`` is unset.
+CLASSIFIER_VALUES = "float16"
+
+
 @dataclass(kw_only=True)
 class SoftLabelsConfig(_Section):
     """What is kept of the teacher's distribution at each position."""
 
-    k: int = _field(64, ge=1)  # Number of top tokens kept per position.
-    # Keep the top k, sample from the distribution, or both.
-    mode: Literal["topk", "sampled", "topk+sampled"] = "topk"
-    samples: int = _field(50, ge=1)  # Draws per position in the sampled modes.
-    values: str = "float16"  # Value codec of the stored probabilities (see storage_schemas.value_codecs).
-    entropy: bool = False  # Also store the full distribution's entropy per position.
+    # Top tokens kept per position; unset: 8 in mode topk+sampled, 64 in mode topk.
+    k: int | None = _field(None, ge=1)
+    # Keep the top k, sample from the distribution, or both (top-k head plus draws from the rest).
+    mode: Literal["topk", "sampled", "topk+sampled"] = "topk+sampled"
+    # Draws per position in the sampled modes; unset: 16 in mode topk+sampled, 50 in mode sampled.
+    samples: int | None = _field(None, ge=1)
+    # Value codec of the stored log-probabilities (see storage_schemas.value_codecs); unset: q8 in mode topk+sampled, float16 in mode topk and for classifiers.
+    values: str | None = None
+    # Also store the full distribution's entropy per position (what turns a sampled cache's
+    # cross-entropy into a KL to the teacher); unset: on in the sampled modes, off in mode topk.
+    entropy: bool | None = None
     seed: int = _field(0, ge=0)  # Seed of the sampled modes, so that a rebuild draws the same samples.
 
     def _validate(self) -> None:
         # imported here, not at the top: the codecs need numpy, which importing config does not
         from logitcache.storage_schemas.value_codecs import value_codec_names
 
+        #: whether ``values`` was left unset (a classifier's job then stores float16: see JobConfig)
+        self.values_defaulted = self.values is None
+        for name, default in MODE_DEFAULTS[self.mode].items():
+            if getattr(self, name) is None:
+                setattr(self, name, default)
         names = tuple(value_codec_names())
         if self.values not in names:
             raise ConfigError(f"{self._where('values')}: must be one of {', '.join(names)}, got {self.values!r}")
@@ -462,6 +489,10 @@ class JobConfig(_Section):
     def _validate(self) -> None:
         if not self.cache:
             raise ConfigError(f"{self._where('cache')}: must be a non-empty path or URL")
+        if (self.teacher is not None and self.teacher.task == "sequence_classification"
+                and getattr(self.soft_labels, "values_defaulted", False)):
+            # a classifier's cache holds whole class distributions: the mode's top-k codec does not apply
+            self.soft_labels.values = CLASSIFIER_VALUES
         seen: set[str] = set()
         for index, student in enumerate(self.students):
             if student.name in seen:

@@ -76,7 +76,7 @@ def test_full_yaml_loads_with_types_and_defaults(tmp_path):
     assert cfg.teacher.batch_tokens == 16384 and cfg.teacher.trust_remote_code is False
     assert (cfg.windows.max_length, cfg.windows.stride) == (128, 16)
     assert (cfg.soft_labels.mode, cfg.soft_labels.k, cfg.soft_labels.values) == ("topk+sampled", 32, "float32")
-    assert cfg.soft_labels.entropy is False
+    assert cfg.soft_labels.entropy is True  # unset: on in the sampled modes
     assert cfg.storage.backend == "zarr" and cfg.storage.compression == "zstd"
     assert cfg.storage.row_group_tokens == 262144 and cfg.storage.compression_level == 5
     assert cfg.executor.address == "tcp://127.0.0.1:8786" and cfg.executor.retries == 2
@@ -275,19 +275,19 @@ def test_apply_overrides_sets_values_and_copies():
     result = apply_overrides(
         data,
         [
-            "soft_labels.k=8",
+            "soft_labels.k=4",
             "windows.max_length=64",
             "students.0.loss.alpha=0.3",
             "train.languages=[en]",
-            "soft_labels.entropy=true",
+            "soft_labels.entropy=false",
             "teacher.revision=null",
         ],
     )
     assert "soft_labels" not in data and data["students"][0] == {"name": "s", "model": {"path": "p"}}
     cfg = config_from_dict(result)
-    assert cfg.soft_labels.k == 8 and cfg.windows.max_length == 64
+    assert cfg.soft_labels.k == 4 and cfg.windows.max_length == 64
     assert cfg.students[0].loss.alpha == 0.3 and cfg.train.languages == ["en"]
-    assert cfg.soft_labels.entropy is True and cfg.teacher.revision is None
+    assert cfg.soft_labels.entropy is False and cfg.teacher.revision is None
 
 
 def test_override_of_unknown_key_is_reported_with_its_path():
@@ -367,7 +367,7 @@ def test_load_without_path_uses_default_and_overrides():
 def test_fingerprint_excludes_data_files_and_tracks_k():
     base = config_from_dict(minimal())
     grown = config_from_dict(minimal(corpus={"data_files": ["a.jsonl", "b.jsonl"]}))
-    other_k = config_from_dict(minimal(soft_labels={"k": 8}))
+    other_k = config_from_dict(minimal(soft_labels={"k": 4}))
     other_executor = config_from_dict(minimal(executor={"kind": "dask", "n_workers": 8}))
     fingerprint = config_fingerprint_fields(base)
     assert "data_files" not in fingerprint["corpus"]
@@ -376,9 +376,37 @@ def test_fingerprint_excludes_data_files_and_tracks_k():
     assert config_fingerprint_fields(grown) == fingerprint
     assert config_fingerprint_fields(other_executor) == fingerprint
     assert config_fingerprint_fields(other_k) != fingerprint
-    assert config_fingerprint_fields(other_k)["soft_labels"]["k"] == 8
+    assert config_fingerprint_fields(other_k)["soft_labels"]["k"] == 4
+
+
+@pytest.mark.parametrize(("mode", "expected"), [
+    ("topk+sampled", {"k": 8, "samples": 16, "values": "q8", "entropy": True}),
+    ("topk", {"k": 64, "values": "float16", "entropy": False}),
+    ("sampled", {"samples": 50, "entropy": True}),
+])
+def test_unset_soft_label_fields_take_the_modes_defaults(mode, expected):
+    labels = config_from_dict(minimal(soft_labels={"mode": mode})).soft_labels
+    assert {name: getattr(labels, name) for name in expected} == expected
+
+
+def test_the_default_mode_is_a_top_k_head_with_tail_draws():
+    labels = config_from_dict(minimal()).soft_labels
+    assert (labels.mode, labels.k, labels.samples, labels.values) == ("topk+sampled", 8, 16, "q8")
+
+
+def test_explicit_soft_label_fields_win_over_the_modes_defaults():
+    labels = config_from_dict(minimal(soft_labels={"mode": "topk+sampled", "k": 4, "values": "float16",
+                                                   "entropy": False})).soft_labels
+    assert (labels.k, labels.samples, labels.values, labels.entropy) == (4, 16, "float16", False)
 
 
 def test_job_config_is_keyword_only():
     with pytest.raises(TypeError):
         JobConfig("cache")  # type: ignore[misc]
+
+
+def test_a_classifiers_class_distributions_default_to_float16_whatever_the_mode():
+    teacher = {"model": "t", "task": "sequence_classification"}
+    assert config_from_dict(minimal(teacher=teacher)).soft_labels.values == "float16"
+    chosen = config_from_dict(minimal(teacher=teacher, soft_labels={"values": "q8"}))
+    assert chosen.soft_labels.values == "q8"

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import time
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -45,6 +46,7 @@ from logitcache.pipeline.common.corpus import (
     iter_work_units,
     resolve_sources,
 )
+from logitcache.pipeline.distill.advice import config_warnings
 from logitcache.storage_schemas.id_codec import id_type_for_vocab
 from logitcache.storage_schemas.layout import RecordLayout
 from logitcache.storage_schemas.lock import CacheLock
@@ -206,6 +208,8 @@ def build_cache(cfg: JobConfig, *, overwrite: bool = False, repair: bool = False
     the one ``cfg.executor`` names, made and closed here.
     """
     cfg.require_build_sections()
+    for message in config_warnings(cfg):  # before the teacher's time is spent on a cache that would not serve
+        warnings.warn(message, stacklevel=2)
     started = time.perf_counter()
     summary = BuildSummary(cache=cfg.cache)
 

@@ -31,7 +31,7 @@ def job(cache, corpus_path, model, **sections):
                    "id_column": "id", "unit_documents": 10},
         "teacher": {"model": str(model), "batch_tokens": 400},
         "windows": {"max_length": 48, "stride": 0},
-        "soft_labels": {"k": 8, "values": "float32"},
+        "soft_labels": {"mode": "topk", "k": 8, "values": "float32"},
     }
     for name, values in sections.items():
         data[name] = {**data.get(name, {}), **values}

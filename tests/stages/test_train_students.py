@@ -29,7 +29,7 @@ def job_data(cache, corpus_dir, teacher_model, output, **sections):
                    "unit_documents": 10},
         "teacher": {"model": str(teacher_model), "batch_tokens": 400},
         "windows": {"max_length": 48},
-        "soft_labels": {"k": 8, "values": "float16"},
+        "soft_labels": {"mode": "topk", "k": 8, "values": "float16"},
         "storage": {"row_group_tokens": 200},
         "students": [
             {"name": "fkl", "model": {"config": STUDENT},

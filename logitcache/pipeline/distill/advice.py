@@ -1,31 +1,53 @@
-"""Warnings before training for soft-label settings measured to distil badly.
+"""Warnings for soft-label settings measured to distil badly, before the work is spent.
 
 A top-k cache keeps the teacher's k most likely ids; the rest of the distribution is one tail
 bucket. With a peaked teacher that bucket is small and any k works. With a trained teacher of
 high entropy it is not: in ``benchmarks/bench_quality.py``'s high-entropy regime (teacher
 entropy 5.9 nats, top-64 mass 0.54, top-8 mass 0.30) students trained on top-k targets at
 alpha 1 ended *worse than a student trained on hard labels alone* (by KL to the teacher,
--74% of full-distribution KD's gain at k=64, -244% at k=8), while at alpha 0.5 they still
-gained a little, and caches with tail draws (``sampled``, ``topk+sampled``) kept 88 to 96%
-(BENCHMARKS.md, "Distillation quality"). So a student whose KD weight ``alpha`` is above one
-half, trained from a top-k cache whose mean top-k mass is below ``MASS_WARNING``, is warned
-about before training, with what to use instead. Nothing is refused: the measurement is of
-one family of teachers, and a user may know better.
+-74% of full-distribution KD's gain at k=64, -244% at k=8), at alpha 0.5 they kept only 12
+to 23%, while caches with tail draws (``sampled``, ``topk+sampled``, the default) kept 88 to
+97% (BENCHMARKS.md, "Distillation quality"; docs/quality.md). So:
+
+- at config time (:func:`config_warnings`, before a build or run spends the teacher's time),
+  a job that builds a ``topk`` cache for a student whose KD weight ``alpha`` is above one
+  half is warned that this may lose to hard labels, and told what to use instead;
+- before training (:func:`topk_alpha_warning`), when the cache is a top-k one whose mean
+  top-k mass is below ``MASS_WARNING`` (the teacher's tail is known to be heavy), such a
+  student is warned again with the measured mass.
+
+Nothing is refused: the measurement is of one family of teachers, and a user may know better.
 """
 
 from __future__ import annotations
 
 import numpy as np
 
-from logitcache.config import LossConfig
+from logitcache.config import JobConfig, LossConfig
 from logitcache.storage_schemas.shard_reader import CacheReader
 
-__all__ = ["ALPHA_WARNING", "MASS_WARNING", "mean_topk_mass", "topk_alpha_warning"]
+__all__ = ["ALPHA_WARNING", "INSTEAD", "MASS_WARNING", "config_warnings", "mean_topk_mass", "topk_alpha_warning"]
 
 #: KD weights above this on a top-k cache with a heavy tail are warned about
 ALPHA_WARNING = 0.5
 #: mean top-k probability mass below which a top-k cache's tail counts as heavy
 MASS_WARNING = 0.9
+#: what the warnings recommend instead of top-k targets at a high alpha
+INSTEAD = (f"a cache with tail draws (soft_labels.mode: topk+sampled, the default: k 8, samples 16, values q8), "
+           f"or loss.alpha <= {ALPHA_WARNING:g}")
+
+
+def config_warnings(cfg: JobConfig) -> list[str]:
+    """What to tell a user whose job builds a top-k cache for students with a high KD weight:
+    one message per such student, before anything runs (empty when nothing applies)."""
+    labels = cfg.soft_labels
+    if labels is None or labels.mode != "topk" or cfg.teacher is None or cfg.teacher.task != "causal_lm":
+        return []
+    return [f"students[{student.name}].loss.alpha={student.loss.alpha:g} with soft_labels.mode: topk "
+            f"(k {labels.k}): on teachers of high entropy, top-k targets at alpha above {ALPHA_WARNING:g} were "
+            "measured to train students worse than hard labels alone (docs/quality.md); "
+            f"use {INSTEAD}"
+            for student in cfg.students if student.loss.alpha > ALPHA_WARNING]
 
 
 def mean_topk_mass(reader: CacheReader, *, positions: int = 65536) -> float | None:
@@ -54,6 +76,5 @@ def topk_alpha_warning(loss: LossConfig, *, kind: str, mass: float | None, where
         return None
     return (f"{where}.loss.alpha={loss.alpha:g} on a top-k cache whose top-k holds {mass:.0%} of the teacher's "
             f"probability on average: with such a heavy tail, top-k targets at alpha above {ALPHA_WARNING:g} were "
-            "measured to train students worse than hard labels alone (BENCHMARKS.md, 'Distillation quality'). "
-            f"Use loss.alpha <= {ALPHA_WARNING:g}, or a cache with tail draws "
-            "(soft_labels.mode: topk+sampled, e.g. k: 8, samples: 16)")
+            "measured to train students worse than hard labels alone (docs/quality.md). "
+            f"Use {INSTEAD}")

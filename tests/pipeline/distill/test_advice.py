@@ -5,8 +5,13 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from logitcache.config import LossConfig
-from logitcache.pipeline.distill.advice import MASS_WARNING, mean_topk_mass, topk_alpha_warning
+from logitcache.config import LossConfig, config_from_dict
+from logitcache.pipeline.distill.advice import (
+    MASS_WARNING,
+    config_warnings,
+    mean_topk_mass,
+    topk_alpha_warning,
+)
 from logitcache.storage_schemas.shard_reader import CacheReader
 from logitcache.storage_schemas.shard_writer import ShardWriter
 from logitcache.storage_schemas.value_codecs import get_value_codec
@@ -60,3 +65,27 @@ def test_top_k_targets_at_high_alpha_with_a_heavy_tail_are_warned_about(alpha, k
     if warned:
         assert f"students[s].loss.alpha={alpha:g}" in message
         assert f"{mass:.0%}" in message and "topk+sampled" in message and "alpha <= 0.5" in message
+
+
+def job(mode, *alphas, task="causal_lm"):
+    return config_from_dict({
+        "cache": "c", "corpus": {"data_files": ["a.jsonl"]}, "teacher": {"model": "t", "task": task},
+        "soft_labels": {"mode": mode},
+        "students": [{"name": f"s{i}", "model": {"path": "p"}, "loss": {"alpha": a}} for i, a in enumerate(alphas)]})
+
+
+def test_a_top_k_build_for_high_alpha_students_is_warned_about_at_config_time():
+    messages = config_warnings(job("topk", 0.9, 0.5, 1.0))
+    assert len(messages) == 2
+    assert "students[s0].loss.alpha=0.9" in messages[0] and "students[s2].loss.alpha=1" in messages[1]
+    assert all("soft_labels.mode: topk+sampled" in m and "alpha <= 0.5" in m and "(k 64)" in m for m in messages)
+
+
+@pytest.mark.parametrize(("mode", "alphas", "task"), [
+    ("topk+sampled", (1.0,), "causal_lm"),   # the default: tail draws carry the tail
+    ("sampled", (1.0,), "causal_lm"),
+    ("topk", (0.5, 0.0), "causal_lm"),
+    ("topk", (1.0,), "sequence_classification"),  # class distributions are stored whole
+])
+def test_settings_not_measured_to_lose_get_no_config_warning(mode, alphas, task):
+    assert config_warnings(job(mode, *alphas, task=task)) == []
