@@ -1,12 +1,20 @@
-"""A markdown report with two PNG figures comparing the students trained from one cache.
+"""A markdown report with two PNG figures comparing students evaluated on the same records.
 
 Why: the point of caching a teacher once is to train and compare many students from it, and
 the comparison is what a person reads at the end of a run. :func:`write_report` turns the
 evaluation summaries of :mod:`logitcache.pipeline.distill.metrics` and the JSONL training logs into
 ``report.md`` (tables that diff well and render anywhere), ``loss_curves.png`` and
-``per_language.png``. Ordering is deterministic (students as given, languages sorted, the
-overall row ``all`` last) so reports of reruns compare line by line; missing values show as
-"–". :func:`read_metrics_jsonl` reads training logs, including those of a killed run.
+``per_language.png``.
+
+Every table has one row per student, so a report of a dozen students or more still reads
+down a column: first the results (where each student comes from, the cache it was trained
+from, its size, its overall metrics and its distance to the best student and to the
+hard-label baseline), then one table per metric with the languages as columns. Metrics the
+summaries carry beyond the known ones get columns and tables of their own, and a summary's
+``teacher_<metric>`` values make a teacher row. Numbers have fixed decimals and are
+right-aligned. Ordering is deterministic (students as given, languages sorted, the overall
+column ``all`` last) so reports of reruns compare line by line; missing values show as "–".
+:func:`read_metrics_jsonl` reads training logs, including those of a killed run.
 
 Figures are drawn on a ``matplotlib.figure.Figure`` with the Agg canvas, imported inside the
 drawing functions: importing this module stays cheap, no process-wide backend is switched and
