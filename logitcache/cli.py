@@ -210,39 +210,54 @@ def train(config: str, overrides: tuple[str, ...], resume: bool, as_json: bool, 
     _print_result(as_json, summary.to_dict, summary.format)
 
 
+def _model_option(value: str) -> tuple[str, str]:
+    """``NAME=PATH`` or ``PATH`` (named after its last path component) of ``eval --model``."""
+    import re
+
+    name, sep, path = value.partition("=")
+    if not sep or not re.fullmatch(r"[A-Za-z0-9_][A-Za-z0-9_.-]*", name):
+        path = value
+        name = re.sub(r"[^A-Za-z0-9_.-]", "_", Path(value.rstrip("/\\")).name or value).lstrip(".-") or "model"
+    if not path:
+        raise click.BadParameter(f"{value!r}: give PATH or NAME=PATH", param_hint="--model")
+    return name, path
+
+
 @main.command(name="eval")
-@config_options
+@click.argument("configs", nargs=-1, required=True, metavar="CONFIG [CONFIG ...]",
+                type=click.Path(dir_okay=False))
+@click.option("--set", "overrides", multiple=True, metavar="KEY.PATH=VALUE",
+              help="Override a field of every CONFIG, e.g. --set eval.max_records=500 (repeatable).")
+@click.option("--model", "models", multiple=True, metavar="[NAME=]PATH",
+              help="Also evaluate this pretrained model directory (or hub name) as it is (repeatable).")
+@click.option("--report", "report", type=click.Path(file_okay=False),
+              help="Write the report here (default: the first CONFIG's eval.report, or <train.output>/report).")
 @click.option("--json", "as_json", is_flag=True, help="Print the evaluation as JSON.")
 @click.option("--no-progress", is_flag=True, help="Do not draw a progress bar.")
-def evaluate(config: str, overrides: tuple[str, ...], as_json: bool, no_progress: bool) -> None:
-    """Evaluate the trained students of CONFIG on the cache's held-out split, per language.
+def evaluate(configs: tuple[str, ...], overrides: tuple[str, ...], models: tuple[str, ...], report: str | None,
+             as_json: bool, no_progress: bool) -> None:
+    """Evaluate the students of CONFIG on its cache's held-out split, per language.
 
-    Reads each student's final model from train.output, writes eval.json beside it and the
-    markdown + PNG report (eval.report, default <train.output>/report).
+    Reads each student's final model from train.output (a student never trained whose
+    model.path names a pretrained model is evaluated from there as it is), writes eval.json
+    beside it and the markdown + PNG report (eval.report, default <train.output>/report).
+
+    With several CONFIGs, the students of all of them (and each --model) are evaluated on the
+    same records, the held-out split of the FIRST config's cache, and compared in one report
+    with a row per student; their caches must have been built with the same teacher
+    tokenizer. For example, students of a top-k cache against those of a sampled one:
+
+        logitcache eval topk.yaml sampled.yaml --model base=runs/pretrained
     """
     from logitcache.config import load_config
-    from logitcache.stages.evaluate import (
-        evaluate_students,
-        load_final_students,
-        write_students_report,
-    )
-    from logitcache.stages.train_students import own_texts
+    from logitcache.stages.evaluate import evaluate_configs
 
-    cfg = load_config(config, overrides)
-    cfg.require_train_sections("logitcache eval")
-    students = load_final_students(cfg)
-    texts = {name: own_texts(cfg, s) for name, s in students.items() if s.reads_text}
-    results = evaluate_students(cfg, students, texts=texts, progress=not no_progress)
-    report = write_students_report(cfg, students, results)
-
-    def text() -> str:
-        lines = []
-        for name, result in results.items():
-            overall = result["metrics"].get("all") or {}
-            lines.append(f"{name}: " + ", ".join(f"{k} {v:.4g}" for k, v in overall.items() if isinstance(v, float)))
-        return "\n".join([*lines, f"report: {report}"])
-
-    _print_result(as_json, lambda: {"report": str(report), "students": results}, text)
+    loaded = [(path, load_config(path, overrides)) for path in configs]
+    if len(loaded) == 1 and not models:
+        loaded[0][1].require_train_sections("logitcache eval")
+    summary = evaluate_configs(loaded, models=[_model_option(m) for m in models], report=report,
+                               progress=not no_progress)
+    _print_result(as_json, summary.to_dict, summary.format)
 
 
 @main.command()

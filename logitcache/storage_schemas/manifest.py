@@ -209,3 +209,22 @@ def cache_identity(manifest: Manifest) -> dict[str, Any]:
         "tokenizer": manifest.tokenizer,
         "config": manifest.fingerprint_fields,
     }
+
+
+def vocabulary_identity(manifest: Manifest) -> dict[str, Any]:
+    """What must be equal for students of one cache to be evaluated on another's records.
+
+    The token ids must mean the same tokens (the teacher tokenizer's token-to-id mapping,
+    compared by its fingerprint) and the labels must be of the same kind: token-level, or
+    the same number of classes. Teacher, soft-label parameters and storage may differ: they
+    shape what a student learned, not what the records mean.
+    """
+    layout = manifest.layout
+    identity: dict[str, Any] = {
+        "labels": "token" if layout.is_token_level else "sequence",
+        "tokenizer": {"vocab_fingerprint": manifest.tokenizer.get("vocab_fingerprint"),
+                      "vocab_size": manifest.tokenizer.get("vocab_size", layout.vocab_size)},
+    }
+    if not layout.is_token_level:
+        identity["num_classes"] = layout.num_classes
+    return identity

@@ -14,7 +14,7 @@ import numpy as np
 
 from logitcache.errors import CorruptShardError
 from logitcache.storage_schemas.layout import RecordLayout
-from logitcache.storage_schemas.manifest import ShardEntry
+from logitcache.storage_schemas.manifest import Manifest, ShardEntry
 from logitcache.storage_schemas.records import RecordBlock
 
 _DIGITS = 6
@@ -29,9 +29,7 @@ def summarize_cache(url: str) -> dict[str, Any]:
     layout = manifest.layout
     records, positions, size = manifest.total_records, manifest.total_positions, manifest.total_bytes
     per_record = size / records if records else None
-    per_position = size / positions if positions else None
-    # A sequence cache has no labelled tokens: its cost is stated per record.
-    per_token = per_position if layout.is_token_level else per_record
+    per_token = bytes_per_token(manifest)
     return {
         "url": reader.location.url,
         "kind": manifest.kind,
@@ -64,6 +62,14 @@ def summarize_cache(url: str) -> dict[str, Any]:
         "updated_at": manifest.updated_at,
         **_example_or_error(reader),
     }
+
+
+def bytes_per_token(manifest: Manifest) -> float | None:
+    """Shard bytes per labelled position of a token cache, per record of a sequence cache (which
+    has no labelled tokens); None while the cache is empty."""
+    size = manifest.total_bytes
+    count = manifest.total_positions if manifest.layout.is_token_level else manifest.total_records
+    return size / count if count else None
 
 
 def _example_or_error(reader) -> dict[str, Any]:

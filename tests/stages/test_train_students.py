@@ -80,10 +80,11 @@ def test_many_students_train_in_one_pass_and_are_evaluated(tmp_path, topk_cache,
     text = report.read_text()
     assert "fkl" in text and "rkl" in text and "held-out" in text
     # how much each student trained on, side by side (rkl read twice fkl's tokens in its 8 steps)
-    header = next(line for line in text.splitlines() if line.startswith("| student | kind"))
+    settings = text[text.index("## Students"):].splitlines()
+    header = next(line for line in settings if line.startswith("| student | kind"))
     assert "| batch_tokens | grad_accum |" in header and header.endswith("| steps | tokens |")
     for name in ("fkl", "rkl"):
-        row = next(line for line in text.splitlines() if line.startswith(f"| {name} |"))
+        row = next(line for line in settings if line.startswith(f"| {name} |"))
         assert row.endswith(f"| shared | {2 if name == 'rkl' else 1} | – | 8 | {summary.students[name]['tokens']:,} |")
     assert (report.parent / "loss_curves.png").is_file() and (report.parent / "per_language.png").is_file()
 

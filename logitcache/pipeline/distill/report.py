@@ -1,12 +1,20 @@
-"""A markdown report with two PNG figures comparing the students trained from one cache.
+"""A markdown report with two PNG figures comparing students evaluated on the same records.
 
 Why: the point of caching a teacher once is to train and compare many students from it, and
 the comparison is what a person reads at the end of a run. :func:`write_report` turns the
 evaluation summaries of :mod:`logitcache.pipeline.distill.metrics` and the JSONL training logs into
 ``report.md`` (tables that diff well and render anywhere), ``loss_curves.png`` and
-``per_language.png``. Ordering is deterministic (students as given, languages sorted, the
-overall row ``all`` last) so reports of reruns compare line by line; missing values show as
-"–". :func:`read_metrics_jsonl` reads training logs, including those of a killed run.
+``per_language.png``.
+
+Every table has one row per student, so a report of a dozen students or more still reads
+down a column: first the results (where each student comes from, the cache it was trained
+from, its size, its overall metrics and its distance to the best student and to the
+hard-label baseline), then one table per metric with the languages as columns. Metrics the
+summaries carry beyond the known ones get columns and tables of their own, and a summary's
+``teacher_<metric>`` values make a teacher row. Numbers have fixed decimals and are
+right-aligned. Ordering is deterministic (students as given, languages sorted, the overall
+column ``all`` last) so reports of reruns compare line by line; missing values show as "–".
+:func:`read_metrics_jsonl` reads training logs, including those of a killed run.
 
 Figures are drawn on a ``matplotlib.figure.Figure`` with the Agg canvas, imported inside the
 drawing functions: importing this module stays cheap, no process-wide backend is switched and
@@ -36,6 +44,14 @@ COLUMNS: dict[str, tuple[tuple[str, str, str], ...]] = {
     "classification": (("accuracy", "acc %", "pct"), ("macro_f1", "macro-F1 %", "pct"),
                        ("agreement", "agree %", "pct"), ("kl", "KL", ".4f")),
 }
+#: Per kind: the metric each student is compared on (key, label, format, lower is better).
+PRIMARY = {"token": ("ce", "CE", ".3f", True), "classification": ("accuracy", "acc", "pct", False)}
+COUNTS = ("positions", "records", "labelled")  # sizes in a summary row, not metrics
+NOT_PER_LANGUAGE = ("ppl",)  # follows from CE: no table of its own per language
+EXTRA_FORMAT = ".4f"  # metrics without a column of their own
+TEACHER = "teacher_"  # a summary's teacher_<key> is the teacher's own value of <key>
+TEACHER_ROW = "teacher"
+TRAINED = "trained"
 BAR_METRIC = {"token": ("ce", "CE (nats)", 1.0), "classification": ("accuracy", "accuracy %", 100.0)}
 
 
@@ -98,16 +114,164 @@ def _students_section(students: Mapping[str, Mapping[str, Any]]) -> list[str]:
     return ["## Students", "", *_table(["student", "kind", *keys], rows, left=2), ""]
 
 
-def _language_section(kind: str, metrics: Mapping[str, Mapping[str, Any]]) -> list[str]:
-    header = ["language"] + [f"{name} {label}" for name in metrics for _, label, _ in COLUMNS[kind]]
+# -- the results tables: one row per student ---------------------------------------------
+
+
+def _extra_keys(kind: str, metrics: Mapping[str, Mapping[str, Any]]) -> list[str]:
+    """Metrics of the summaries beyond the kind's known columns, in order of appearance: any
+    metric an accumulator adds is shown (``teacher_<key>`` values go to the teacher row)."""
+    known = {key for key, _, _ in COLUMNS[kind]} | set(COUNTS)
+    extra: list[str] = []
+    for summary in metrics.values():
+        for values in summary.values():
+            for key, value in (values or {}).items():
+                if key in known or key in extra or key.startswith(TEACHER):
+                    continue
+                if _missing(value) or (isinstance(value, (int, float)) and not isinstance(value, bool)):
+                    extra.append(key)
+    return extra
+
+
+def _metric_columns(kind: str, metrics: Mapping[str, Mapping[str, Any]]) -> list[tuple[str, str, str]]:
+    return [*COLUMNS[kind], *((key, key, EXTRA_FORMAT) for key in _extra_keys(kind, metrics))]
+
+
+def _teacher_values(metrics: Mapping[str, Mapping[str, Any]], lang: str) -> dict[str, Any]:
+    """The teacher's own metrics at ``lang`` (``teacher_ce`` -> ``ce``): the same records give
+    the same values for every student, so the first student that has them speaks for all."""
+    for summary in metrics.values():
+        values = {key[len(TEACHER):]: value for key, value in (summary.get(lang) or {}).items()
+                  if key.startswith(TEACHER) and not _missing(value)}
+        if values:
+            return values
+    return {}
+
+
+def _has_teacher(metrics: Mapping[str, Mapping[str, Any]], keys: Sequence[str]) -> bool:
+    langs = _languages(list(metrics.values()))
+    return any(key in _teacher_values(metrics, lang) for lang in langs for key in keys)
+
+
+def _compact_count(value: Any) -> str:
+    """Parameter counts as 12.3M / 456K / 789: short enough for a row per student."""
+    if _missing(value) or isinstance(value, bool) or not isinstance(value, (int, float)):
+        return DASH if _missing(value) else str(value)
+    for scale, suffix in ((1e9, "B"), (1e6, "M"), (1e3, "K")):
+        if abs(value) >= scale:
+            return f"{value / scale:.3g}{suffix}"
+    return f"{int(value)}"
+
+
+def _labels_of(cache: Mapping[str, Any]) -> str:
+    """What a cache's soft labels are, in a few characters: top-k 64, 50 samples, 3 classes."""
+    parts = []
+    if cache.get("k"):
+        parts.append(f"top-k {cache['k']}")
+    if cache.get("samples"):
+        parts.append(f"{cache['samples']} samples")
+    if cache.get("num_classes"):
+        parts.append(f"{cache['num_classes']} classes")
+    return " + ".join(parts) or str(cache.get("kind") or DASH)
+
+
+def _cache_ids(students: Mapping[str, Mapping[str, Any]]) -> dict[str, str]:
+    """C1, C2, ... for each distinct cache students were trained from, in order of appearance."""
+    ids: dict[str, str] = {}
+    for student in students.values():
+        cache = student.get("trained_from") or {}
+        path = cache.get("path")
+        if path is not None and str(path) not in ids:
+            ids[str(path)] = f"C{len(ids) + 1}"
+    return ids
+
+
+def _source(student: Mapping[str, Any]) -> str:
+    source = student.get("source")
+    if source is None:
+        return DASH
+    return str(source) if source == TRAINED else f"{source}: not trained here"
+
+
+def _delta(value: Any, reference: Any, fmt: str) -> str:
+    if _missing(value) or _missing(reference):
+        return DASH
+    difference = float(value) - float(reference)
+    if fmt == "pct":
+        return f"{100.0 * difference:+.1f}"
+    return f"{difference:+.3f}"
+
+
+def _baseline_names(students: Mapping[str, Mapping[str, Any]], names: Sequence[str]) -> list[str]:
+    """Students trained on hard labels only (``alpha`` 0): the baseline distillation must beat."""
+    return [name for name in names if students[name].get("source", TRAINED) == TRAINED
+            and (students[name].get("info") or {}).get("alpha") == 0]
+
+
+def _results_section(kind: str, students: Mapping[str, Mapping[str, Any]],
+                     metrics: Mapping[str, Mapping[str, Any]], cache_ids: Mapping[str, str]) -> list[str]:
+    """One row per student: where it comes from, its size and its overall metrics, and how far
+    its primary metric is from the best student's (and the best hard-label-only baseline's)."""
+    columns = _metric_columns(kind, metrics)
+    key, label, fmt, lower_better = PRIMARY[kind]
+    names = list(metrics)
+    overall = {name: metrics[name].get(OVERALL) or {} for name in names}
+    scored = [overall[name][key] for name in names if not _missing(overall[name].get(key))]
+    best = (min(scored) if lower_better else max(scored)) if scored else None
+    baselines = [overall[name].get(key) for name in _baseline_names(students, names)
+                 if not _missing(overall[name].get(key))]
+    baseline = (min(baselines) if lower_better else max(baselines)) if baselines else None
+    header = ["student", "source", "cache", "labels", "B/token", "params", *(c[1] for c in columns),
+              f"Δ{label} vs best"]
+    if baseline is not None:
+        header.append(f"Δ{label} vs CE-only")
     rows = []
-    for lang in _languages(list(metrics.values())):
-        row = [f"**{lang}**" if lang == OVERALL else lang]
-        for summary in metrics.values():
-            values = summary.get(lang) or {}
-            row += [_fmt_metric(values.get(key), fmt) for key, _, fmt in COLUMNS[kind]]
+    for name in names:
+        student = students[name]
+        cache = student.get("trained_from") or {}
+        row = [name, _source(student), cache_ids.get(str(cache.get("path")), DASH),
+               _labels_of(cache) if cache else DASH, _fmt_metric(cache.get("bytes_per_token"), ".2f"),
+               _compact_count((student.get("info") or {}).get("parameters")),
+               *(_fmt_metric(overall[name].get(k), f) for k, _, f in columns),
+               _delta(overall[name].get(key), best, fmt)]
+        if baseline is not None:
+            row.append(_delta(overall[name].get(key), baseline, fmt))
         rows.append(row)
-    return [f"## Per-language metrics ({kind})", "", *_table(header, rows), ""]
+    teacher = _teacher_values(metrics, OVERALL)
+    if any(k in teacher for k, _, _ in columns):
+        rows.append([f"*{TEACHER_ROW}*", TEACHER_ROW, DASH, DASH, DASH, DASH,
+                     *(_fmt_metric(teacher.get(k), f) for k, _, f in columns),
+                     *([DASH] * (len(header) - 6 - len(columns)))])
+    return [f"## Results ({kind})", "", *_table(header, rows, left=4), ""]
+
+
+def _per_language_sections(kind: str, metrics: Mapping[str, Mapping[str, Any]]) -> list[str]:
+    """A table per metric, students as rows and languages as columns (``all`` last), plus the
+    teacher's row where the summaries carry its value of that metric."""
+    langs = _languages(list(metrics.values()))
+    lines: list[str] = []
+    for key, label, fmt in [c for c in _metric_columns(kind, metrics) if c[0] not in NOT_PER_LANGUAGE]:
+        rows = [[name, *(_fmt_metric((summary.get(lang) or {}).get(key), fmt) for lang in langs)]
+                for name, summary in metrics.items()]
+        if _has_teacher(metrics, [key]):
+            rows.append([f"*{TEACHER_ROW}*", *(_fmt_metric(_teacher_values(metrics, lang).get(key), fmt)
+                                               for lang in langs)])
+        header = ["student", *(f"**{lang}**" if lang == OVERALL else lang for lang in langs)]
+        lines += [f"## Per-language {label} ({kind})", "", *_table(header, rows), ""]
+    return lines
+
+
+def _caches_section(students: Mapping[str, Mapping[str, Any]], cache_ids: Mapping[str, str]) -> list[str]:
+    caches = {}
+    for student in students.values():
+        cache = student.get("trained_from") or {}
+        if cache.get("path") is not None:
+            caches.setdefault(str(cache["path"]), cache)
+    rows = [[cache_ids[path], path, str(cache.get("kind") or DASH), _labels_of(cache),
+             str(cache.get("values") or DASH), str(cache.get("teacher") or DASH),
+             _fmt_metric(cache.get("bytes_per_token"), ".2f"), _fmt_info(cache.get("records"))]
+            for path, cache in caches.items()]
+    header = ["cache", "path", "kind", "labels", "values", "teacher", "B/token", "records"]
+    return ["## Caches the students were trained from", "", *_table(header, rows, left=6), ""]
 
 
 def write_report(
@@ -118,16 +282,30 @@ def write_report(
     curves: Mapping[str, Sequence[Mapping[str, float]]],
     notes: Sequence[str] = (),
 ) -> Path:
-    """Write ``report.md``, ``loss_curves.png`` and ``per_language.png``; return the .md path."""
+    """Write ``report.md``, ``loss_curves.png`` and ``per_language.png``; return the .md path.
+
+    ``students`` maps the name of a row to ``{"kind", "metrics", "info"}`` and optionally
+    ``"source"`` (``trained``, or where an evaluated model that was not trained here came from)
+    and ``"trained_from"`` (the cache it was trained from: path, kind, k, samples, num_classes,
+    values, bytes_per_token, records, teacher). ``curves`` holds the training logs of those
+    that have one; the others draw no curve.
+    """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     groups = _by_kind(students)
-    _plot_loss_curves(out / LOSS_PNG, curves)
+    _plot_loss_curves(out / LOSS_PNG, {name: rows for name, rows in curves.items() if rows})
     _plot_per_language(out / LANG_PNG, groups)
-    lines = [f"# {title}", "", *_students_section(students)]
+    cache_ids = _cache_ids(students)
+    lines = [f"# {title}", ""]
     for kind in KINDS:
         if groups[kind]:
-            lines += _language_section(kind, groups[kind])
+            lines += _results_section(kind, students, groups[kind], cache_ids)
+    for kind in KINDS:
+        if groups[kind]:
+            lines += _per_language_sections(kind, groups[kind])
+    if cache_ids:
+        lines += _caches_section(students, cache_ids)
+    lines += _students_section(students)
     if notes:
         lines += ["## Notes", "", *(f"- {note}" for note in notes), ""]
     lines += ["## Figures", "", f"![Training loss per step]({LOSS_PNG})", "",

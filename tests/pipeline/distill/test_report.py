@@ -64,23 +64,44 @@ def check_png(path: Path) -> None:
     assert 300 <= width <= 4000 and 200 <= height <= 2000
 
 
+def table(text: str, heading: str) -> list[dict[str, str]]:
+    """The rows of the markdown table under ``## heading``, as {column: cell}."""
+    lines = text[text.index(f"## {heading}\n"):].splitlines()[2:]
+    rows = []
+    for line in lines:
+        if not line.startswith("|"):
+            break
+        rows.append([cell.strip() for cell in line.strip("|").split(" | ")])
+    header, body = rows[0], rows[2:]  # rows[1] is the alignment rule
+    return [dict(zip(header, row, strict=True)) for row in body]
+
+
 def test_token_report(tmp_path: Path) -> None:
     md = write_report(tmp_path / "out", title="Token students", students=token_students(),
                       curves=curves(), notes=["teacher: tiny-llama", "k = 8"])
     assert md == tmp_path / "out" / "report.md"
     text = md.read_text(encoding="utf-8")
     assert text.startswith("# Token students")
-    for expected in ("tiny-kd", "tiny-ce", "| de |", "| en |", "| **all** |",
-                     "2.346", "10.44", "0.1235", "50.0", "62.5", "1,234,567", "12.35", "0.0003",
-                     "- teacher: tiny-llama", "- k = 8",
+    for expected in ("1,234,567", "12.35", "0.0003", "- teacher: tiny-llama", "- k = 8",
                      "![Training loss per step](loss_curves.png)", "(per_language.png)"):
         assert expected in text, expected
-    de_row = next(line for line in text.splitlines() if line.startswith("| de |"))
-    assert de_row.count("–") == 4  # tiny-ce has no German at all
-    en_row = next(line for line in text.splitlines() if line.startswith("| en |"))
-    assert en_row.split(" | ")[3] == "–"  # tiny-kd's missing KL
-    # languages sorted, "all" last
-    assert text.index("| de |") < text.index("| en |") < text.index("| **all** |")
+    results = table(text, "Results (token)")
+    assert [row["student"] for row in results] == ["tiny-kd", "tiny-ce"]
+    kd, ce = results
+    assert (kd["CE"], kd["PPL"], kd["KL"], kd["top-1 %"], kd["params"]) == ("1.780", "5.93", "0.1235", "58.0", "–")
+    assert kd["ΔCE vs best"] == "+0.030" and ce["ΔCE vs best"] == "+0.000"
+    assert "ΔCE vs CE-only" not in kd  # no student was trained on hard labels alone
+    per_lang = table(text, "Per-language CE (token)")
+    assert list(per_lang[0]) == ["student", "de", "en", "**all**"]  # languages sorted, "all" last
+    assert per_lang[0] == {"student": "tiny-kd", "de": "2.346", "en": "1.500", "**all**": "1.780"}
+    assert per_lang[1]["de"] == "–"  # tiny-ce has no German at all
+    assert table(text, "Per-language KL (token)")[0]["en"] == "–"  # tiny-kd's missing KL
+    assert table(text, "Per-language top-1 % (token)")[1] == {"student": "tiny-ce", "de": "–", "en": "25.0",
+                                                              "**all**": "25.0"}
+    assert "Per-language PPL" not in text and "teacher" not in text.split("## Notes")[0]
+    # numbers right-aligned, names left
+    rule = next(line for line in text.splitlines() if line.startswith("|---"))
+    assert rule.startswith("|---|---|---|---|---:|")
     for name in ("loss_curves.png", "per_language.png"):
         check_png(tmp_path / "out" / name)
 
@@ -89,14 +110,68 @@ def test_classification_report(tmp_path: Path) -> None:
     md = write_report(tmp_path, title="Classifiers", students=classification_students(),
                       curves={})
     text = md.read_text(encoding="utf-8")
-    for expected in ("clf-small", "clf-tiny", "| ru |", "| zh |", "87.5", "81.2", "90.0",
-                     "0.0500", "acc %", "macro-F1 %"):
-        assert expected in text, expected
-    ru_row = next(line for line in text.splitlines() if line.startswith("| ru |"))
-    assert ru_row.count("–") == 2
+    results = table(text, "Results (classification)")
+    assert [row["student"] for row in results] == ["clf-small", "clf-tiny", "*teacher*"]
+    assert (results[0]["acc %"], results[0]["macro-F1 %"], results[0]["agree %"], results[0]["KL"]) == \
+        ("87.5", "81.2", "90.0", "0.0500")
+    assert results[2]["acc %"] == "100.0" and results[2]["KL"] == "–"  # the teacher's own accuracy
+    accuracy = table(text, "Per-language acc % (classification)")
+    assert accuracy[0] == {"student": "clf-small", "ru": "87.5", "zh": "50.0", "**all**": "87.5"}
+    assert accuracy[1]["ru"] == "–" and accuracy[1]["zh"] == "–"
     assert "## Notes" not in text
     for name in ("loss_curves.png", "per_language.png"):
         check_png(tmp_path / name)
+
+
+def many_students(count: int) -> dict:
+    """``count`` token students from two caches, one a CE-only baseline, one a pretrained model,
+    with the teacher's CE and an extra metric in their summaries."""
+    caches = [{"path": "runs/topk", "kind": "token_topk", "k": 8, "values": "float16", "bytes_per_token": 21.5,
+               "records": 900, "teacher": "tiny"},
+              {"path": "runs/sampled", "kind": "token_sampled", "samples": 16, "values": "float16",
+               "bytes_per_token": 9.25, "records": 900, "teacher": "tiny"}]
+    students = {}
+    for i in range(count):
+        metrics = {lang: {"positions": 10, "ce": 2.0 + i / 100 + j / 10, "ppl": 7.0, "kl": 0.1 * i, "top1": 0.5,
+                          "kl_sampled": 0.01 * i, "teacher_ce": 1.0 + j / 10, "teacher_ppl": 2.7}
+                   for j, lang in enumerate(("ar", "de", "en", "all"))}
+        students[f"student-{i:02d}"] = {
+            "kind": "token", "metrics": metrics, "source": "trained" if i < count - 1 else "--model",
+            "trained_from": caches[i % 2] if i < count - 1 else None,
+            "info": {"parameters": 1_500_000 + i, "alpha": 0.0 if i == 3 else 0.5}}
+    return students
+
+
+def test_a_report_of_twelve_students_has_a_row_per_student(tmp_path: Path) -> None:
+    students = many_students(12)
+    logs = curves()
+    text = write_report(tmp_path, title="Many", students=students,
+                        curves={"student-00": logs["tiny-kd"], "student-11": []}).read_text(encoding="utf-8")
+    results = table(text, "Results (token)")
+    assert [row["student"] for row in results] == [*students, "*teacher*"]
+    assert all(len(row) == len(results[0]) for row in results)
+    first, baseline, model, teacher = results[0], results[3], results[11], results[12]
+    assert (first["cache"], first["labels"], first["B/token"]) == ("C1", "top-k 8", "21.50")
+    assert (results[1]["cache"], results[1]["labels"], results[1]["B/token"]) == ("C2", "16 samples", "9.25")
+    assert first["params"] == "1.5M" and first["source"] == "trained"
+    assert model["source"] == "--model: not trained here" and model["cache"] == "–"
+    assert first["ΔCE vs best"] == "+0.000" and results[5]["ΔCE vs best"] == "+0.050"
+    assert baseline["ΔCE vs CE-only"] == "+0.000" and first["ΔCE vs CE-only"] == "-0.030"
+    assert first["kl_sampled"] == "0.0000" and results[5]["kl_sampled"] == "0.0500"  # an extra metric, generic
+    assert (teacher["CE"], teacher["PPL"], teacher["KL"], teacher["ΔCE vs best"]) == ("1.300", "2.70", "–", "–")
+    for metric in ("CE", "KL", "top-1 %", "kl_sampled"):
+        rows = table(text, f"Per-language {metric} (token)")
+        assert [row["student"] for row in rows][:12] == list(students)
+        assert list(rows[0]) == ["student", "ar", "de", "en", "**all**"]
+    ce = table(text, "Per-language CE (token)")
+    assert ce[-1] == {"student": "*teacher*", "ar": "1.000", "de": "1.100", "en": "1.200", "**all**": "1.300"}
+    assert table(text, "Per-language KL (token)")[-1]["student"] == "student-11"  # no teacher KL to itself
+    caches = table(text, "Caches the students were trained from")
+    assert [(row["cache"], row["path"], row["kind"]) for row in caches] == [
+        ("C1", "runs/topk", "token_topk"), ("C2", "runs/sampled", "token_sampled")]
+    assert len(table(text, "Students")) == 12
+    check_png(tmp_path / "per_language.png")
+    check_png(tmp_path / "loss_curves.png")
 
 
 def test_mixed_kinds_and_no_figure_leak(tmp_path: Path) -> None:
