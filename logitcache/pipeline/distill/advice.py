@@ -5,9 +5,9 @@ bucket. With a peaked teacher that bucket is small and any k works. With a train
 high entropy it is not: in ``benchmarks/bench_quality.py``'s high-entropy regime (teacher
 entropy 5.9 nats, top-64 mass 0.54, top-8 mass 0.30) students trained on top-k targets at
 alpha 1 ended *worse than a student trained on hard labels alone* (by KL to the teacher,
--74% of full-distribution KD's gain at k=64, -244% at k=8), at alpha 0.5 they kept only 12
-to 23%, while caches with tail draws (``sampled``, ``topk+sampled``, the default) kept 88 to
-97% (BENCHMARKS.md, "Distillation quality"; docs/quality.md). So:
+-74% of full-distribution KD's gain at k=64, -244% at k=8, -32% at k=128), at alpha 0.5 they
+kept only 12 to 32%, while the default top-8 head with 16 tail draws kept 95% and 91% (alpha
+0.5 and 1, three seeds; BENCHMARKS.md, "Distillation quality"; docs/quality.md). So:
 
 - at config time (:func:`config_warnings`, before a build or run spends the teacher's time),
   a job that builds a ``topk`` cache for a student whose KD weight ``alpha`` is above one
