@@ -14,7 +14,7 @@ LANGS = ("en", "de", "ru", "zh", "ar", "hi")
 
 def make_layout(kind: str = "token_topk", *, k: int = 4, value_codec: str = "float16",
                 vocab_size: int = 1000, samples: int = 6, entropy: bool = True,
-                num_classes: int = 3) -> RecordLayout:
+                num_classes: int = 3, target_logprob: bool = False) -> RecordLayout:
     from logitcache.storage_schemas.id_codec import id_type_for_vocab
 
     return RecordLayout(
@@ -23,6 +23,7 @@ def make_layout(kind: str = "token_topk", *, k: int = 4, value_codec: str = "flo
         samples=samples if kind in ("token_sampled", "token_topk_sampled") else 0,
         entropy=entropy and kind != "sequence_probs",
         num_classes=num_classes if kind == "sequence_probs" else 0,
+        target_logprob=target_logprob and kind != "sequence_probs",
     )
 
 
@@ -63,6 +64,10 @@ def make_block(layout: RecordLayout, *, records: int = 7, max_len: int = 12, see
             block.sample_counts = rng.integers(1, layout.samples + 1, size=int(per_pos.sum())).astype(np.uint16)
         if layout.entropy:
             block.entropy = rng.uniform(0, 8, size=positions).astype(np.float16)
+        if layout.target_logprob:
+            target = -rng.exponential(3.0, size=positions)
+            target[np.cumsum(lengths - context) - 1] = np.nan  # each record's last token
+            block.target_logprob = target.astype(np.float16)
     else:
         logits = rng.normal(size=(records, layout.num_classes))
         logp = logits - np.log(np.exp(logits).sum(1, keepdims=True))

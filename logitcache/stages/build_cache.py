@@ -28,7 +28,7 @@ import contextlib
 import time
 import warnings
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from tqdm.auto import tqdm
@@ -49,8 +49,9 @@ from logitcache.pipeline.common.corpus import (
 from logitcache.pipeline.distill.advice import config_warnings
 from logitcache.storage_schemas.id_codec import id_type_for_vocab
 from logitcache.storage_schemas.layout import RecordLayout
+from logitcache.storage_schemas.location import CacheLocation
 from logitcache.storage_schemas.lock import CacheLock
-from logitcache.storage_schemas.manifest import Manifest, ShardEntry
+from logitcache.storage_schemas.manifest import MANIFEST_FILE, Manifest, ShardEntry
 from logitcache.storage_schemas.shard_writer import ShardWriter
 from logitcache.storage_schemas.verify import verify_cache
 
@@ -150,7 +151,22 @@ def record_layout(cfg: JobConfig, teacher: TeacherFacts) -> RecordLayout:
         kind=kind, id_type=id_type_for_vocab(teacher.vocab_size), vocab_size=teacher.vocab_size,
         k=labels.k if "topk" in labels.mode else 0, value_codec=labels.values,
         samples=labels.samples if "sampled" in labels.mode else 0, entropy=labels.entropy,
+        target_logprob=True,
     )
+
+
+def keep_existing_columns(url: str, layout: RecordLayout) -> RecordLayout:
+    """``layout`` without the columns that a cache at ``url``, with shards built before those
+    columns existed, lacks (only ``target_logprob`` so far): a growing cache built by an older
+    logitcache keeps growing, and its new shards read like its old ones. Any other difference
+    is still refused by the shard writer; ``--overwrite`` builds every column."""
+    location = CacheLocation(url)
+    if not layout.target_logprob or not location.exists(MANIFEST_FILE):
+        return layout
+    existing = Manifest.load(location)
+    if existing.shards and not existing.layout.target_logprob:
+        return replace(layout, target_logprob=False)
+    return layout
 
 
 def manifest_template(cfg: JobConfig, teacher: TeacherFacts, layout: RecordLayout) -> Manifest:
@@ -225,6 +241,8 @@ def build_cache(cfg: JobConfig, *, overwrite: bool = False, repair: bool = False
         # 2. the teacher (loaded where the units run), the record layout and the cache
         teacher = executor.teacher_facts(cfg.teacher)
         layout = record_layout(cfg, teacher)
+        if not overwrite:
+            layout = keep_existing_columns(cfg.cache, layout)
         writer = ShardWriter(cfg.cache, template=manifest_template(cfg, teacher, layout), overwrite=overwrite)
         if repair and writer.committed_units:
             summary.repaired_units = _forget_damaged(writer, cfg.cache)

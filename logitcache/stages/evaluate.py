@@ -3,7 +3,13 @@
 The held-out split is chosen by record-id hash (``eval.held_out_fraction``), so training
 never saw it and every run and every student sees the same records. Token caches give,
 per language: cross-entropy and perplexity of the student on the next token, KL(teacher ||
-student) over the cached top-k plus one tail bucket, and top-1 agreement with the teacher.
+student) (over the cached top-k plus one tail bucket; for sampled caches estimated from the
+draws and the stored entropy), and top-1 agreement with the teacher (for a pure sampled cache
+estimated from the most-drawn id); ``metric_kinds`` in each result says which is which. Where
+the cache stores the teacher's log-probability of each next token (``target_logprob``), the
+teacher's own held-out CE and perplexity per language come beside each student's
+(``teacher_ce``, ``teacher_ppl``), from the same positions; ``teacher.ce`` says "not stored"
+for a cache built without that column.
 Classification caches give accuracy and macro-F1 against gold labels (where the corpus has
 them), agreement with the teacher, and KL to its class distribution.
 
@@ -45,6 +51,7 @@ from logitcache.pipeline.distill.dataset import CacheDataset
 from logitcache.pipeline.distill.metrics import (
     ClassificationMetrics,
     LanguageMetrics,
+    token_metric_kinds,
     token_metrics,
 )
 from logitcache.pipeline.distill.report import read_metrics_jsonl, write_report
@@ -93,6 +100,7 @@ def evaluate_students(cfg: JobConfig, students: dict[str, Student], *, texts: di
         packer: TokenPacker | SequencePacker = TokenPacker(layout, rows=rows, length=length, decode=False,
                                                            pad_id=shared_pad_id(students.values()))
         accumulators: dict[str, Any] = {name: LanguageMetrics() for name in students}
+        teacher = LanguageMetrics()
     else:
         packer = SequencePacker(layout, rows=rows, pad_id=shared_pad_id(students.values()))
         accumulators = {name: ClassificationMetrics() for name in students}
@@ -107,6 +115,8 @@ def evaluate_students(cfg: JobConfig, students: dict[str, Student], *, texts: di
         with torch.no_grad():
             for batch in packer.pack(_limited(dataset, limit)):
                 batch = batch.to(next(iter(students.values())).device).decoded()
+                if isinstance(batch, TokenBatch) and batch.target_logprob is not None:
+                    teacher.add(batch.position_langs(), {"ce": -batch.target_logprob[batch.label_mask]})
                 for name, student in students.items():
                     for piece in row_pieces(batch, rows=rows, piece_rows=pieces[name]):
                         if piece is None:
@@ -122,9 +132,34 @@ def evaluate_students(cfg: JobConfig, students: dict[str, Student], *, texts: di
         for name, student in students.items():
             student.model.train(modes[name])
     kind = "token" if layout.is_token_level else "classification"
-    return {name: {"kind": kind, "metrics": accumulators[name].summary(), "records": records, "split": split,
-                   "info": describe_student(student), "skipped_shards": sorted(skipped)}
-            for name, student in students.items()}
+    results = {name: {"kind": kind, "metrics": accumulators[name].summary(), "records": records, "split": split,
+                      "info": describe_student(student), "skipped_shards": sorted(skipped)}
+               for name, student in students.items()}
+    if layout.is_token_level:
+        for result in results.values():
+            _add_teacher(result, teacher.summary() if layout.target_logprob else None)
+            result.update(metric_kinds=token_metric_kinds(layout))
+            result.update(kl_estimated=result["metric_kinds"]["kl_estimated"],
+                          top1_estimated=result["metric_kinds"]["top1_estimated"])
+    return results
+
+
+#: What the teacher row says when the cache holds no ``target_logprob`` column.
+TEACHER_NOT_STORED = "not stored"
+
+
+def _add_teacher(result: dict[str, Any], summary: dict[str, dict[str, Any]] | None) -> None:
+    """The teacher's held-out CE and perplexity beside the student's, per language, from the
+    same positions (``teacher_ce``, ``teacher_ppl``); ``summary`` None: the cache lacks them."""
+    if summary is None:
+        result["teacher"] = {"ce": TEACHER_NOT_STORED, "note": (
+            "the teacher's CE is not stored: this cache was built without the target_logprob column "
+            "(before logitcache stored it); rebuild it with --overwrite to get it")}
+        return
+    result["teacher"] = {"ce": "stored", "note": "the teacher's CE on the same held-out positions"}
+    for lang, values in result["metrics"].items():
+        mine = summary.get(lang) or {}
+        values["teacher_ce"], values["teacher_ppl"] = mine.get("ce"), mine.get("ppl")
 
 
 def _limited(dataset: CacheDataset, limit: int | None):
@@ -142,16 +177,24 @@ def _token_eval(student: Student, batch: TokenBatch, metrics: LanguageMetrics) -
     langs = batch.position_langs()
     topk_ids = None if batch.topk_ids is None else batch.topk_ids[mask]
     topk_lp = None if batch.topk_logprobs is None else batch.topk_logprobs[mask]
+    s_ids = None if batch.sample_ids is None else batch.sample_ids[mask]
+    s_counts = None if batch.sample_counts is None else batch.sample_counts[mask]
+    entropy = None if batch.entropy is None else batch.entropy[mask]
     hard = batch.hard_targets[mask]
     chunk = student.cfg.loss.chunk_tokens
     for start in range(0, hidden.shape[0], chunk):
         stop = start + chunk
         with student.autocast():
             logits = student.head(hidden[start:stop])
-        values = token_metrics(logits.float(), topk_ids=None if topk_ids is None else topk_ids[start:stop],
-                               topk_logprobs=None if topk_lp is None else topk_lp[start:stop],
-                               hard_targets=hard[start:stop])
+        rows = slice(start, stop)
+        values = token_metrics(logits.float(), topk_ids=_rows(topk_ids, rows), topk_logprobs=_rows(topk_lp, rows),
+                               sample_ids=_rows(s_ids, rows), sample_counts=_rows(s_counts, rows),
+                               entropy=_rows(entropy, rows), hard_targets=hard[rows])
         metrics.add(langs[start:stop], values)
+
+
+def _rows(tensor: torch.Tensor | None, rows: slice) -> torch.Tensor | None:
+    return None if tensor is None else tensor[rows]
 
 
 def _sequence_eval(student: Student, batch: SequenceBatch, metrics: ClassificationMetrics,
@@ -385,6 +428,12 @@ def _write_report(cfg: JobConfig, entries: dict[str, EvalStudent], evaluation: d
              + ("held-out split" if split == "eval" else "whole cache: eval.held_out_fraction is 0, so these "
                 "records were also trained on")
              + (f" (eval.held_out_fraction {cfg.eval.held_out_fraction})" if split == "eval" else "")]
+    kinds = first.get("metric_kinds") or {}
+    if kinds.get("note"):
+        notes.append(kinds["note"] + (" (columns marked est.)" if kinds.get("kl_estimated") or
+                                      kinds.get("top1_estimated") else ""))
+    if (first.get("teacher") or {}).get("note"):
+        notes.append(first["teacher"]["note"])
     if combined:
         notes.append("every student was evaluated on these same records, also those trained from another "
                      "cache (column cache) and those not trained here (column source)")

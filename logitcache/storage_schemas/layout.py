@@ -48,6 +48,10 @@ class RecordLayout:
     samples: draws per position for sampled kinds (0 otherwise).
     entropy: whether a per-position teacher entropy column is stored.
     num_classes: classes of a ``sequence_probs`` cache (0 otherwise).
+    target_logprob: whether a per-position column holds the teacher's log-probability of the
+        record's actual next token (token-level kinds; NaN at a record's last token, which
+        has no next token in the record). Caches built before this column existed lack it,
+        and a missing column means "not available".
     """
 
     kind: str
@@ -58,6 +62,7 @@ class RecordLayout:
     samples: int = 0
     entropy: bool = False
     num_classes: int = 0
+    target_logprob: bool = False
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
@@ -91,7 +96,13 @@ class RecordLayout:
         return pa.from_numpy_dtype(self.value_storage_dtype)
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        """The layout as the manifest and shard metadata hold it. Columns added after format 3
+        (``target_logprob``) appear only when stored, so the layout, and with it the cache's
+        identity and fingerprint, of a cache built before them is unchanged."""
+        out = asdict(self)
+        if not self.target_logprob:
+            del out["target_logprob"]
+        return out
 
     @classmethod
     def from_dict(cls, data: dict) -> RecordLayout:
@@ -155,6 +166,8 @@ class RecordLayout:
             ]
         if self.entropy and self.is_token_level:
             fields.append(pa.field("entropy", listed(pa.float16()), nullable=False))
+        if self.target_logprob and self.is_token_level:
+            fields.append(pa.field("target_logprob", listed(pa.float16()), nullable=False))
         if self.kind == "sequence_probs":
             class_t = pa.list_(value_t, self.num_classes) if format_1 else pa.list_(
                 pa.field("element", value_t, nullable=False), self.num_classes)

@@ -3,7 +3,7 @@
 Column encodings were chosen by measurement (``benchmarks/bench_codecs.py``): zstd (or lz4,
 or nothing, as ``storage.compression`` says) on every column, dictionary encoding only for
 ``doc_key`` and ``lang``, and, when compressing, BYTE_STREAM_SPLIT for the sampled ids,
-entropy and class values and for top-k rows of 4-byte elements (see :func:`_split_columns`).
+entropy, target log-probability and class values and for top-k rows of 4-byte elements (see :func:`_split_columns`).
 
 A top-k column holds one binary value per record, the record's rows back to back (format 3,
 see ``layout.RecordLayout.arrow_schema``): Arrow reads it at close to the speed of a copy,
@@ -42,7 +42,7 @@ from logitcache.storage_schemas.storage_settings import StorageSettings
 METADATA_PREFIX = "logitcache."
 
 #: Columns whose numeric values get BYTE_STREAM_SPLIT when the shard is compressed.
-_SPLIT_COLUMNS = ("sample_ids", "entropy", "class_logprobs")
+_SPLIT_COLUMNS = ("sample_ids", "entropy", "target_logprob", "class_logprobs")
 
 
 def _split_columns(schema: pa.Schema, layout: RecordLayout) -> list[str]:

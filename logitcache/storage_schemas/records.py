@@ -8,7 +8,7 @@ Python loop over tokens:
 - ``token_offsets[R+1]``: record r's tokens are ``input_ids[token_offsets[r]:token_offsets[r+1]]``;
 - ``label_offsets[R+1]``: record r's labelled positions (its tokens after ``context_length``)
   are rows ``label_offsets[r]:label_offsets[r+1]`` of ``topk_ids`` / ``topk_logprobs`` /
-  ``entropy`` (shape ``[P, k]`` / ``[P]``);
+  ``entropy`` / ``target_logprob`` (shape ``[P, k]`` / ``[P]``);
 - ``sample_offsets[P+1]``: position p's draws are ``sample_ids[sample_offsets[p]:sample_offsets[p+1]]``.
 
 ``topk_logprobs`` and ``class_logprobs`` hold the *stored* values (codec output); use
@@ -42,6 +42,7 @@ class RecordBlock:
     sample_ids: np.ndarray | None = None  # id type [S]
     sample_counts: np.ndarray | None = None  # uint16 [S]
     entropy: np.ndarray | None = None  # float16 [P]
+    target_logprob: np.ndarray | None = None  # float16 [P], NaN at each record's last token
     class_logprobs: np.ndarray | None = None  # codec storage type [R, C]
     label: np.ndarray | None = None  # int32 [R], -1 = none
 
@@ -87,14 +88,14 @@ class RecordBlock:
         return [f.name for f in fields(self) if getattr(self, f.name) is not None]
 
     def equals(self, other: RecordBlock) -> bool:
-        """Column-wise equality (offsets compared after rebasing to zero)."""
+        """Column-wise equality (offsets compared after rebasing to zero; NaN equals NaN)."""
         if self.column_names() != other.column_names():
             return False
         for name in self.column_names():
             a, b = getattr(self, name), getattr(other, name)
             if name.endswith("offsets"):
                 a, b = a - a[0], b - b[0]
-            if a.shape != b.shape or not np.array_equal(a, b):
+            if a.shape != b.shape or not np.array_equal(a, b, equal_nan=a.dtype.kind == "f"):
                 return False
         return True
 
@@ -133,6 +134,8 @@ class RecordBlock:
             out.topk_logprobs = self.topk_logprobs[p0:p1]
         if self.entropy is not None:
             out.entropy = self.entropy[p0:p1]
+        if self.target_logprob is not None:
+            out.target_logprob = self.target_logprob[p0:p1]
         if self.sample_offsets is not None:
             s_base = self.sample_offsets[0]
             s0, s1 = self.sample_offsets[p0] - s_base, self.sample_offsets[p1] - s_base
@@ -172,6 +175,9 @@ class RecordBlock:
                 _expect(getattr(self, name).shape == (num_samples,), name, f"{num_samples} values")
         if layout.entropy and layout.is_token_level:
             _expect(self.entropy is not None and self.entropy.shape == (p,), "entropy", f"shape ({p},)")
+        if layout.target_logprob and layout.is_token_level:
+            _expect(self.target_logprob is not None and self.target_logprob.shape == (p,),
+                    "target_logprob", f"shape ({p},)")
         if layout.kind == "sequence_probs":
             _expect(self.class_logprobs is not None
                     and self.class_logprobs.shape == (r, layout.num_classes),
@@ -267,6 +273,9 @@ def block_to_table(block: RecordBlock, layout: RecordLayout, *, position_rows: C
     if layout.entropy and layout.is_token_level:
         columns["entropy"] = _list_array(lab, pa.array(block.entropy.astype(np.float16), pa.float16()),
                                          types["entropy"])
+    if layout.target_logprob and layout.is_token_level:
+        values = pa.array(block.target_logprob.astype(np.float16), pa.float16())
+        columns["target_logprob"] = _list_array(lab, values, types["target_logprob"])
     if layout.kind == "sequence_probs":
         columns["class_logprobs"] = _fixed_rows(block.class_logprobs, types["class_logprobs"])
         columns["label"] = pa.array(block.label, pa.int32())
@@ -373,6 +382,9 @@ def table_to_block(table: pa.Table, layout: RecordLayout) -> RecordBlock:
     if layout.entropy and layout.is_token_level:
         _, ent = _flat(table.column("entropy"))
         block.entropy = _numpy(ent)
+    if layout.target_logprob and layout.is_token_level:
+        _, target = _flat(table.column("target_logprob"))
+        block.target_logprob = _numpy(target)
     if layout.kind == "sequence_probs":
         rows = _whole(table.column("class_logprobs"))
         block.class_logprobs = _numpy(rows.flatten()).reshape(-1, layout.num_classes)

@@ -137,6 +137,8 @@ def _example_in_block(block: RecordBlock, layout: RecordLayout, entry: ShardEntr
         example["sample_counts"] = [int(c) for c in block.sample_counts[s0:s1]]
     if block.entropy is not None:
         example["entropy"] = round(float(block.entropy[row]), 4)
+    if block.target_logprob is not None and np.isfinite(float(block.target_logprob[row])):
+        example["target_logprob"] = round(float(block.target_logprob[row]), 4)
     return example
 
 
@@ -165,6 +167,8 @@ def format_summary(summary: dict[str, Any]) -> str:
     parts += [f"values {layout['value_codec']}", f"ids {layout['id_type']}"]
     if layout.get("entropy"):
         parts.append("entropy")
+    if layout.get("target_logprob"):
+        parts.append("target log-prob")
     compression = summary.get("compression") or "none"
     if compression == "zstd" and summary.get("compression_level") is not None:
         compression = f"{compression} level {summary['compression_level']}"
@@ -256,4 +260,6 @@ def _example_text(example: dict[str, Any] | None) -> list[str]:
         lines.append(f"  samples (id x count)  {pairs}")
     if "entropy" in example:
         lines.append(f"  entropy {example['entropy']:.4f} nats")
+    if "target_logprob" in example:
+        lines.append(f"  log-prob of the next token {example['target_logprob']:.4f}")
     return lines

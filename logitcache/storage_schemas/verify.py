@@ -12,7 +12,8 @@ still describe what the manifest says:
 
 ``deep=True`` also decodes every block and recounts records, tokens, labelled positions
 and per-language counts, and checks that every token id lies inside the vocabulary and
-that no stored value is NaN.
+that no stored value is NaN (``target_logprob`` is NaN at each record's last token by
+design: that token has no next token in the record).
 
 Files the manifest does not list (in ``shards/``, and anything left in ``_incomplete/``)
 are reported as *unlisted*: readers ignore them and a later build overwrites or removes
@@ -270,6 +271,8 @@ def _check_contents(location: CacheLocation, backend, layout: RecordLayout, entr
             nan_columns.add("topk_logprobs")
         if block.entropy is not None and np.isnan(block.entropy.astype(np.float32)).any():
             nan_columns.add("entropy")
+        if block.target_logprob is not None and _target_nan_inside(block):
+            nan_columns.add("target_logprob (before a record's last token)")
         if block.class_logprobs is not None and np.isnan(codec.decode(block.class_logprobs)).any():
             nan_columns.add("class_logprobs")
         if block.label is not None and block.label.size and (
@@ -293,6 +296,15 @@ def _check_contents(location: CacheLocation, backend, layout: RecordLayout, entr
     for name in sorted(nan_columns):
         problems.append(f"{name} holds NaN")
     return problems
+
+
+def _target_nan_inside(block) -> bool:
+    """Whether ``target_logprob`` is NaN anywhere but at a record's last token (which has no
+    next token in the record, so NaN is what it holds there)."""
+    nan = np.isnan(block.target_logprob.astype(np.float32))
+    ends = block.label_offsets[1:][np.diff(block.label_offsets) > 0] - 1
+    nan[ends] = False
+    return bool(nan.any())
 
 
 # ---------------------------------------------------------------- unlisted files

@@ -18,6 +18,7 @@ input_ids            [T] uint32                  tokens
 topk_ids             [P, k] id type              top-k ids per labelled position
 topk_logprobs        [P, k] codec storage type   their stored (encoded) log-probabilities
 entropy              [P] float16                 teacher entropy per position (optional)
+target_logprob       [P] float16                 teacher log-prob of the next token (optional)
 sample_offsets       [P+1] int64                 position p's draws: ``sample_ids[s[p]:s[p+1]]``
 sample_ids           [S] id type                 drawn ids
 sample_counts        [S] uint16                  how often each was drawn
@@ -87,6 +88,8 @@ def array_names(layout: RecordLayout) -> list[str]:
         names += ["sample_offsets", "sample_ids", "sample_counts"]
     if layout.entropy and layout.is_token_level:
         names.append("entropy")
+    if layout.target_logprob and layout.is_token_level:
+        names.append("target_logprob")
     if layout.kind == "sequence_probs":
         names += ["class_logprobs", "label"]
     return names
@@ -98,6 +101,7 @@ _DIMENSIONS = {
     "block_offsets": ("block_edge",), "context_length": ("record",), "label": ("record",),
     "class_logprobs": ("record", "class"), "input_ids": ("token",),
     "topk_ids": ("position", "k"), "topk_logprobs": ("position", "k"), "entropy": ("position",),
+    "target_logprob": ("position",),
     "sample_offsets": ("position_edge",), "sample_ids": ("sample",), "sample_counts": ("sample",),
 }
 
@@ -130,6 +134,8 @@ def _block_arrays(block: RecordBlock, layout: RecordLayout, cuts: list[int]) -> 
         out["sample_counts"] = np.asarray(block.sample_counts, dtype=SAMPLE_COUNT_TYPE)
     if layout.entropy and layout.is_token_level:
         out["entropy"] = np.asarray(block.entropy, dtype=np.float16)
+    if layout.target_logprob and layout.is_token_level:
+        out["target_logprob"] = np.asarray(block.target_logprob, dtype=np.float16)
     if layout.kind == "sequence_probs":
         out["class_logprobs"] = np.asarray(block.class_logprobs, dtype=value_dtype)
         out["label"] = np.asarray(block.label, dtype=np.int32)
@@ -288,6 +294,8 @@ async def _read_records(shard: _Shard, layout: RecordLayout, start: int, stop: i
             reads["topk_logprobs"] = shard.get("topk_logprobs", p0, p1)
         if layout.entropy:
             reads["entropy"] = shard.get("entropy", p0, p1)
+        if layout.target_logprob:
+            reads["target_logprob"] = shard.get("target_logprob", p0, p1)
         if layout.has_samples:  # the draws are read as soon as their offsets are in
             reads["samples"] = _read_samples(shard, p0, p1)
     per_token = dict(zip(reads, await asyncio.gather(*reads.values()), strict=True))
@@ -296,7 +304,8 @@ async def _read_records(shard: _Shard, layout: RecordLayout, start: int, stop: i
         lang=per_record["lang"].astype(object), token_offsets=tok - t0,
         input_ids=per_token["input_ids"], context_length=per_record.get("context_length"),
         topk_ids=per_token.get("topk_ids"), topk_logprobs=per_token.get("topk_logprobs"),
-        entropy=per_token.get("entropy"), class_logprobs=per_record.get("class_logprobs"),
+        entropy=per_token.get("entropy"), target_logprob=per_token.get("target_logprob"),
+        class_logprobs=per_record.get("class_logprobs"),
         label=per_record.get("label"),
     )
     if layout.has_samples:

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from transformers import AutoModelForCausalLM
 
 from logitcache.config import config_from_dict
 from logitcache.errors import IncompatibleCacheError
@@ -305,3 +306,41 @@ def test_a_typo_in_a_first_build_does_not_block_the_fixed_config(tmp_path, corpu
         build_cache(typo, progress=False)
     fixed = job(tmp_path / "cache", corpus_dir, tiny_causal_lm_dir)
     assert build_cache(fixed, progress=False).units_built == 6
+
+
+@pytest.mark.parametrize(("mode", "backend"), [("topk", "parquet"), ("sampled", "zarr"), ("topk+sampled", "parquet")])
+def test_target_logprob_is_the_teachers_log_prob_of_the_next_token(tmp_path, corpus_dir, tiny_causal_lm_dir,
+                                                                   mode, backend):
+    cfg = job(tmp_path / "cache", corpus_dir, tiny_causal_lm_dir, storage={"backend": backend},
+              soft_labels={"mode": mode, "samples": 4}, windows={"max_length": 32, "stride": 8})
+    build_cache(cfg, progress=False)
+    reader, block = read_all(tmp_path / "cache")
+    assert reader.layout.target_logprob and reader.manifest.to_dict()["layout"]["target_logprob"] is True
+    assert verify_cache(str(tmp_path / "cache"), deep=True).ok
+    model = AutoModelForCausalLM.from_pretrained(tiny_causal_lm_dir).eval()
+    labels = block.label_offsets
+    for r in np.random.default_rng(1).choice(block.num_records, size=12, replace=False):
+        tokens = torch.from_numpy(block.input_ids[block.token_offsets[r]:block.token_offsets[r + 1]].astype(np.int64))
+        context = int(block.context_length[r])
+        with torch.no_grad():  # a dense reference: the full logits of the plain model
+            logp = torch.log_softmax(model(tokens[None]).logits[0].double(), -1)
+        want = logp[torch.arange(len(tokens) - 1), tokens[1:]][context:].numpy()
+        got = block.target_logprob[labels[r]:labels[r + 1]].astype(np.float64)
+        assert np.isnan(got[-1])  # the window's last token has no next token in the window
+        np.testing.assert_allclose(got[:-1], want, rtol=1e-3, atol=2e-3)
+
+
+def test_a_cache_built_before_target_logprob_keeps_growing_without_it(tmp_path):
+    from dataclasses import replace
+
+    from logitcache.stages.build_cache import keep_existing_columns
+    from logitcache.storage_schemas.shard_writer import ShardWriter
+    from tests.factories import make_block, make_layout, make_template
+
+    old = make_layout("token_topk")
+    new = replace(old, target_logprob=True)
+    assert keep_existing_columns(str(tmp_path / "fresh"), new) == new
+    writer = ShardWriter(str(tmp_path / "old"), template=make_template(old))
+    assert keep_existing_columns(str(tmp_path / "old"), new) == new  # no shard yet: nothing to keep
+    writer.commit(make_block(old), unit_id="u0")
+    assert keep_existing_columns(str(tmp_path / "old"), new) == old

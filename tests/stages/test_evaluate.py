@@ -66,8 +66,9 @@ def test_one_config_writes_what_it_wrote_before(jobs):
     assert not (out / "report" / "eval.json").exists()  # the combined result is for several sources
     text = (out / "report" / "report.md").read_text()
     results = table(text, "Results (token)")
-    assert [row["student"] for row in results] == ["kd", "ce"]
+    assert [row["student"] for row in results] == ["kd", "ce", "*teacher*"]  # the cache holds the teacher's CE
     assert results[1]["ΔCE vs CE-only"] == "+0.000"
+    assert float(results[2]["CE"]) == pytest.approx(data["students"]["kd"]["metrics"]["all"]["teacher_ce"], abs=1e-3)
     plain = invoke(jobs["topk"])
     assert plain.exit_code == 0 and "kd: " in plain.output and f"report: {out / 'report' / 'report.md'}" in plain.output
 
@@ -97,8 +98,9 @@ def test_students_of_two_caches_are_evaluated_on_the_first_ones_records_in_one_t
     assert list(combined["students"]) == list(students)
     rows = table((tmp_path / "report" / "report.md").read_text(), "Results (token)")
     assert [(r["student"], r["cache"], r["labels"]) for r in rows] == [
-        ("topk/kd", "C1", "top-k 8"), ("ce", "C1", "top-k 8"), ("sampled/kd", "C2", "16 samples")]
-    assert all(r["source"] == "trained" for r in rows)
+        ("topk/kd", "C1", "top-k 8"), ("ce", "C1", "top-k 8"), ("sampled/kd", "C2", "16 samples"),
+        ("*teacher*", "–", "–")]
+    assert all(r["source"] == "trained" for r in rows[:-1])
 
 
 def test_a_cache_of_another_tokenizer_is_refused_naming_both(jobs, tmp_path, corpus_dir):
@@ -159,7 +161,9 @@ def test_models_given_with_the_model_option_join_the_table(jobs, tmp_path, tiny_
     assert students[padded]["metrics"]["all"]["top1"] < 0.5  # other (random) weights with padding rows
     assert students[padded]["path"] == str(tiny_causal_lm_padded_dir)
     rows = table((tmp_path / "report.md").read_text(), "Results (token)")
-    assert [r["source"] for r in rows] == ["trained", "trained", *["--model: not trained here"] * 3]
+    assert [r["source"] for r in rows] == ["trained", "trained", *["--model: not trained here"] * 3, "teacher"]
+    for lang, values in students["teacher-copy"]["metrics"].items():  # the teacher as a student: its own CE
+        assert values["ce"] == pytest.approx(values["teacher_ce"], abs=2e-3), lang
     # --model alone needs a config for the cache, and any students it has join in
     result = CliRunner().invoke(main, ["eval", "--model", str(tiny_causal_lm_dir)])
     assert result.exit_code == 2 and "Missing argument" in result.output

@@ -32,6 +32,10 @@ What is computed per position (``logp`` = float32 ``log_softmax`` over the FULL 
     counts sum to 0, not ``samples``); its tail term is zero anyway.
 ``entropy``
     ``-sum(p * logp)`` in float32 over the full vocabulary, in nats (``p = 0`` contributes 0).
+target log-probability (when ``targets`` are given)
+    ``logp[target]``: the teacher's log-probability of the token that actually comes next,
+    NaN where the target is negative (no next token). Its mean negation over held-out
+    positions is the teacher's own cross-entropy, which evaluation sets beside the students'.
 
 Sampling method and precision
     Sampling is exact inverse-CDF sampling. For all P positions at once, ``P x samples``
@@ -135,6 +139,7 @@ class PositionLabelsNumpy:
     sample_ids: np.ndarray | None  # int64 [S]
     sample_counts: np.ndarray | None  # int64 [S]
     entropy: np.ndarray | None  # float32 [P]
+    target_logprob: np.ndarray | None = None  # float32 [P]
 
 
 @dataclass(kw_only=True)
@@ -147,6 +152,7 @@ class PositionLabels:
     sample_ids: Tensor | None  # [S] int64, unique drawn ids, ascending within a position
     sample_counts: Tensor | None  # [S] int64, how often each was drawn
     entropy: Tensor | None  # [P] float32, nats
+    target_logprob: Tensor | None = None  # [P] float32: logp of the next token, NaN where none
 
     def start_host_copy(self) -> HostLabels:
         """Start copying every tensor to the host; ``wait()`` on the result gives numpy.
@@ -202,17 +208,20 @@ def label_positions(
     spec: SoftLabelSpec,
     *,
     generator: torch.Generator | None = None,
+    targets: Tensor | None = None,
 ) -> PositionLabels:
     """Soft labels of P positions from their final hidden states ``hidden`` ``[P, H]``.
 
     ``head(hidden[a:b])`` must return the logits ``[b - a, V]`` (any dtype; each chunk is
     upcast to float32). Outputs live on the device of the head's logits. ``generator``
     drives the sampled modes (the default generator of the logits' device when None).
+    ``targets`` ``[P]`` (int64, -1 where a position has no next token) asks for the teacher's
+    log-probability of each position's actual next token too.
     """
     if hidden.ndim != 2:
         raise ValueError(f"hidden must be [positions, hidden_size], got shape {tuple(hidden.shape)}")
     return _label_chunks(hidden.shape[0], lambda start, end: head(hidden[start:end]),
-                         hidden.device, spec, generator)
+                         hidden.device, spec, generator, targets)
 
 
 @torch.no_grad()
@@ -221,12 +230,14 @@ def logits_labels(
     spec: SoftLabelSpec,
     *,
     generator: torch.Generator | None = None,
+    targets: Tensor | None = None,
 ) -> PositionLabels:
-    """Soft labels of P positions from their logits ``[P, V]``, still in chunks of positions."""
+    """Soft labels of P positions from their logits ``[P, V]``, still in chunks of positions
+    (``targets`` as for :func:`label_positions`)."""
     if logits.ndim != 2:
         raise ValueError(f"logits must be [positions, vocab], got shape {tuple(logits.shape)}")
     return _label_chunks(logits.shape[0], lambda start, end: logits[start:end],
-                         logits.device, spec, generator)
+                         logits.device, spec, generator, targets)
 
 
 def _label_chunks(
@@ -235,8 +246,11 @@ def _label_chunks(
     device: torch.device,
     spec: SoftLabelSpec,
     generator: torch.Generator | None,
+    targets: Tensor | None = None,
 ) -> PositionLabels:
     P, s = num_positions, spec.samples
+    if targets is not None and tuple(targets.shape) != (P,):
+        raise ValueError(f"targets must be [{P}], got shape {tuple(targets.shape)}")
     uniforms = None
     if spec.has_samples:
         # All uniforms up front, so that the draws do not depend on the chunk size.
@@ -251,7 +265,9 @@ def _label_chunks(
             raise ValueError(f"head must return logits [{end - start}, vocab], got shape {tuple(logits.shape)}")
         if out is None:
             _check_vocab(spec, logits.shape[1])
-            out = _Outputs.allocate(spec, P, logits.device)
+            out = _Outputs.allocate(spec, P, logits.device, targets=targets is not None)
+            if targets is not None:
+                targets = targets.to(logits.device, dtype=torch.int64, non_blocking=True)
             if uniforms is not None:
                 uniforms = uniforms.to(logits.device, non_blocking=True)
         # On the CPU the chunk is reduced in row blocks of about 8 MB of float32: each block's
@@ -265,10 +281,12 @@ def _label_chunks(
             b = min(a + rows, end - start)
             logp = torch.log_softmax(logits[a:b], dim=-1, dtype=torch.float32)
             _label_chunk(logp, start + a, start + b, spec, out, uniforms)
+            if targets is not None:
+                out.target_logprob[start + a:start + b] = _target_logprob(logp, targets[start + a:start + b])
             del logp
         del logits  # the model-dtype chunk is no longer needed
     if out is None:  # no positions: nothing ran through the head
-        out = _Outputs.allocate(spec, 0, device)
+        out = _Outputs.allocate(spec, 0, device, targets=targets is not None)
     return out.finish(spec)
 
 
@@ -288,9 +306,10 @@ class _Outputs:
     entropy: Tensor | None
     draws: Tensor | None  # [P, s] int64, sorted per position
     run_counts: Tensor | None  # [P, s] int64: at the first draw of each run its length, else 0
+    target_logprob: Tensor | None = None  # [P] float32
 
     @classmethod
-    def allocate(cls, spec: SoftLabelSpec, P: int, device: torch.device) -> _Outputs:
+    def allocate(cls, spec: SoftLabelSpec, P: int, device: torch.device, *, targets: bool = False) -> _Outputs:
         def empty(shape: tuple[int, ...], dtype: torch.dtype) -> Tensor:
             return torch.empty(shape, dtype=dtype, device=device)
 
@@ -301,6 +320,7 @@ class _Outputs:
             entropy=empty((P,), torch.float32) if spec.entropy else None,
             draws=empty((P, s), torch.int64) if spec.has_samples else None,
             run_counts=empty((P, s), torch.int64) if spec.has_samples else None,
+            target_logprob=empty((P,), torch.float32) if targets else None,
         )
 
     def finish(self, spec: SoftLabelSpec) -> PositionLabels:
@@ -316,7 +336,7 @@ class _Outputs:
             counts = self.run_counts[keep]
         return PositionLabels(topk_ids=self.topk_ids, topk_logprobs=self.topk_logprobs,
                               sample_offsets=offsets, sample_ids=ids, sample_counts=counts,
-                              entropy=self.entropy)
+                              entropy=self.entropy, target_logprob=self.target_logprob)
 
 
 def _label_chunk(logp: Tensor, start: int, end: int, spec: SoftLabelSpec, out: _Outputs,
@@ -336,6 +356,13 @@ def _label_chunk(logp: Tensor, start: int, end: int, spec: SoftLabelSpec, out: _
         ids, valid = _inverse_cdf(logp, uniforms[start:end], exclude=tail)
         out.draws[start:end] = ids
         out.run_counts[start:end] = _run_counts(ids).mul_(valid[:, None])
+
+
+def _target_logprob(logp: Tensor, targets: Tensor) -> Tensor:
+    """``logp[i, targets[i]]`` per row; NaN where the target is negative (no next token)."""
+    has = targets >= 0
+    picked = logp.gather(1, targets.clamp_min(0)[:, None]).squeeze(1)
+    return torch.where(has, picked, torch.full_like(picked, float("nan")))
 
 
 def _entropy(logp: Tensor) -> Tensor:

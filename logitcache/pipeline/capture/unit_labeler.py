@@ -4,7 +4,9 @@ The unit's windows are batched by a token budget (longest first, so padding stay
 run through the teacher, and only the labelled positions (after each window's left
 context, before its padding) are gathered from the final hidden states and handed to
 :func:`~logitcache.pipeline.capture.soft_labels.label_positions`, which runs the LM head, the
-float32 log-softmax and the top-k / sampling / entropy in chunks on the device.
+float32 log-softmax and the top-k / sampling / entropy in chunks on the device, together
+with each position's actual next token when the layout stores the teacher's log-probability
+of it (``target_logprob``; a window's last token has no next token in the window: NaN).
 
 Overlap: on CUDA the results of batch *i* are copied to pinned host memory with an event
 recorded behind them; the host waits for that event (not for the whole stream) only after
@@ -102,6 +104,17 @@ def _labelled_mask(batch, windows: list[Window]) -> torch.Tensor:
     return (cols[None, :] >= context[:, None]) & (cols[None, :] < lengths[:, None])
 
 
+def _next_tokens(batch: Batch) -> torch.Tensor:
+    """``[B, W]`` int64: each slot's next token in its window, -1 at the window's last token
+    (and on padding)."""
+    ids = batch.input_ids.to(torch.int64)
+    out = torch.full_like(ids, -1)
+    out[:, :-1] = ids[:, 1:]
+    cols = torch.arange(ids.shape[1])
+    out[cols[None, :] >= torch.from_numpy(batch.lengths)[:, None] - 1] = -1
+    return out
+
+
 def label_unit(
     teacher: Teacher, windows: list[Window], *, spec: SoftLabelSpec, layout: RecordLayout,
     batch_tokens: int, seed: int, store_entropy: bool,
@@ -121,12 +134,14 @@ def label_unit(
             return batch.indices, class_lp.float().cpu().numpy()
         mask = _labelled_mask(batch, windows)
         owners = np.repeat(batch.indices, mask.sum(dim=1).numpy())  # window of each position
+        targets = _next_tokens(batch)[mask] if layout.target_logprob else None
         if teacher.split_head_ok:
             hidden = teacher.hidden_states(batch.input_ids, batch.attention_mask)
-            labels = label_positions(hidden[mask.to(hidden.device)], teacher.head, spec, generator=generator)
+            labels = label_positions(hidden[mask.to(hidden.device)], teacher.head, spec, generator=generator,
+                                     targets=targets)
         else:
             logits = teacher.logits(batch.input_ids, batch.attention_mask)
-            labels = logits_labels(logits[mask.to(logits.device)], spec, generator=generator)
+            labels = logits_labels(logits[mask.to(logits.device)], spec, generator=generator, targets=targets)
         return owners, labels.start_host_copy()
 
     def run(batch: Batch) -> list[tuple[np.ndarray, HostLabels | np.ndarray]]:
@@ -241,6 +256,10 @@ def _assemble(windows: list[Window], lengths: np.ndarray, per_batch, *, layout: 
         block.sample_counts = sample_counts.astype(np.uint16)
     if store_entropy:
         block.entropy = stacked("entropy").astype(np.float16)
+    if layout.target_logprob:
+        # float16, like entropy: half the bytes of float32, and its rounding (at most 2**-11
+        # relative, 0.004 nats at a log-probability of -10) averages out in a held-out CE
+        block.target_logprob = stacked("target_logprob").astype(np.float16)
     return block
 
 

@@ -13,7 +13,9 @@ Per slot the batch says whether it has a teacher label (``label_mask``: a labell
 of a record, not left context, not padding) and the hard next-token target
 (``hard_targets``: the record's next token at labelled positions, ``IGNORE_INDEX`` = -100 at
 a record's last token, on context and on padding). Top-k ids and float32 log-probs are
-``[B, L, k]``; sampled ids and counts are ``[B, L, S]`` padded with count 0.
+``[B, L, k]``; sampled ids and counts are ``[B, L, S]`` padded with count 0. Where the cache
+stores them, the teacher's entropy and its log-probability of the next token are float32
+``[B, L]``, NaN on slots without a label (and the latter at a record's last token).
 
 A packer made with ``decode=False`` leaves the top-k in the cache's stored types (id bits
 and codec values, see :mod:`~logitcache.pipeline.distill.stored_topk`): a quarter of the bytes to
@@ -84,6 +86,8 @@ class TokenBatch(_Movable):
     topk_logprobs: Tensor | None = None  # float32 [B, L, k] (stored form: the codec's values)
     sample_ids: Tensor | None = None  # int64 [B, L, S]
     sample_counts: Tensor | None = None  # float32 [B, L, S]
+    entropy: Tensor | None = None  # float32 [B, L], teacher entropy (nats)
+    target_logprob: Tensor | None = None  # float32 [B, L], teacher log-prob of the next token
     record_ids: np.ndarray  # uint64 [R]
     langs: list[str]  # [R]
     cursors: list[tuple[int, int, int, int]]  # the reader's resume cursors of the R records
@@ -150,7 +154,7 @@ class SequenceBatch(_Movable):
 
 
 _TOKEN_ROW_TENSORS = ("input_ids", "position_ids", "segment", "label_mask", "hard_targets", "topk_ids",
-                      "topk_logprobs", "sample_ids", "sample_counts")
+                      "topk_logprobs", "sample_ids", "sample_counts", "entropy", "target_logprob")
 
 
 def row_pieces(batch: TokenBatch | SequenceBatch | None, *, rows: int,
@@ -225,7 +229,16 @@ class TokenPacker:
         if layout.has_samples:
             specs += [ArraySpec("sample_ids", np.dtype(np.int64), (rows, length, layout.samples), 0),
                       ArraySpec("sample_counts", np.dtype(np.float32), (rows, length, layout.samples), 0)]
+        for name in self.per_position_columns:
+            specs.append(ArraySpec(name, np.dtype(np.float32), (rows, length), np.nan))
         return tuple(specs)
+
+    @property
+    def per_position_columns(self) -> tuple[str, ...]:
+        """The optional float columns of one value per labelled position that the cache stores."""
+        layout = self.layout
+        return tuple(name for name, stored in (("entropy", layout.entropy),
+                                               ("target_logprob", layout.target_logprob)) if stored)
 
     def slot_ring(self, *, capacity: int = 6) -> SlotRing:
         """Reusable shared memory for the batches of this packer, for a DataLoader worker."""
@@ -248,6 +261,7 @@ class TokenPacker:
         label_mask, hard = arrays["label_mask"], arrays["hard_targets"]
         topk_ids, topk_values = stored_arrays.get("topk_ids"), stored_arrays.get("topk_logprobs")
         sample_ids, sample_counts = arrays.get("sample_ids"), arrays.get("sample_counts")
+        per_position = [(name, arrays[name]) for name in self.per_position_columns]
 
         row, used, tokens = 0, 0, 0
         ends = np.zeros(rows, dtype=np.int64)
@@ -270,6 +284,10 @@ class TokenPacker:
                 topk_values[row, first:stop] = record.topk_values
             if sample_ids is not None:
                 _scatter_samples(record, sample_ids[row, first:stop], sample_counts[row, first:stop])
+            for name, array in per_position:
+                values = getattr(record, name, None)
+                if values is not None:  # else NaN: not available
+                    array[row, first:stop] = values
             used, tokens = stop, tokens + n
         ends[row] = used
         for r in range(rows):  # padding is its own segment of restarting positions

@@ -100,6 +100,7 @@ class CachedRecord:
     label: int  # gold label of sequence_probs, -1 when none or not that kind
     cursor: tuple[int, int, int, int]  # (epoch, window, index in window, window size)
     value_codec: str = "float32"  # the codec of ``topk_values``
+    target_logprob: np.ndarray | None = None  # float32 [n - context_length], NaN at the last token
 
     def decoded_topk_logprobs(self) -> np.ndarray | None:
         """float32 ``[n - context_length, k]`` top-k log-probabilities."""
@@ -490,11 +491,14 @@ class _Columns:
                         else np.zeros(block.num_records, np.int64))
         self.topk_ids, self.topk_values = block.topk_ids, block.topk_logprobs
         self.s_off = self.s_ids = self.s_counts = self.entropy = self.class_lp = self.labels = None
+        self.target_logprob = None
         if layout.has_samples:
             self.s_off = block.sample_offsets - block.sample_offsets[0]
             self.s_ids, self.s_counts = block.sample_ids.astype(np.int64), block.sample_counts.astype(np.int64)
         if block.entropy is not None:
             self.entropy = block.entropy.astype(np.float32)
+        if block.target_logprob is not None:
+            self.target_logprob = block.target_logprob.astype(np.float32)
         if block.class_logprobs is not None:
             self.class_lp = block.decoded_class_logprobs(layout).astype(np.float32, copy=False)
             self.labels = block.label.astype(np.int64)
@@ -515,6 +519,7 @@ class _Columns:
             class_logprobs=None if self.class_lp is None else self.class_lp[r],
             label=-1 if self.labels is None else int(self.labels[r]),
             cursor=cursor, value_codec=self.value_codec,
+            target_logprob=None if self.target_logprob is None else self.target_logprob[p0:p1],
         )
 
 

@@ -48,8 +48,11 @@ Sampled caches (unbiased estimator of "Sparse Logit Sampling", Anshumann et al.,
     draws from the renormalised tail (a position without draws has no tail term).
     Both are unbiased estimates of the soft cross-entropy, and their gradients are unbiased
     for forward KL's (the two differ by the teacher entropy, a constant). Only forward_kl and
-    soft_ce at T=1 are supported (:func:`check_loss_supported`); for forward_kl the reported
-    value is this cross-entropy estimate, not the KL.
+    soft_ce at T=1 are supported (:func:`check_loss_supported`). For forward_kl the loss (and
+    its gradient) is this cross-entropy estimate; the value *logged* as ``kd`` is the KL
+    estimate ``CE_est - H`` when the teacher entropy ``H`` is stored, so that ``kd`` means the
+    same as on a top-k cache, and without ``H`` the cross-entropy is logged as ``kd_ce``
+    (:attr:`LossOutput.kd_logged`, :attr:`LossOutput.kd_log_name`).
 Total
     ``kd = T**2 * mean over positions of the divergence`` (T**2 keeps gradient magnitudes
     comparable across temperatures); ``ce`` = hard-label cross-entropy at T=1, mean over
@@ -74,7 +77,7 @@ from logitcache.storage_schemas.layout import KINDS
 
 __all__ = [
     "DIVERGENCES", "IGNORE_INDEX", "TAIL_FLOOR", "REVERSE_KL_LOG_FLOOR", "SparseTargets", "LossOutput", "check_loss_supported",
-    "sparse_divergence", "dense_divergence", "distillation_loss", "dense_distillation_loss",
+    "sparse_divergence", "dense_divergence", "distillation_loss", "dense_distillation_loss", "logged_kd",
     "sequence_distillation_loss",
 ]
 
@@ -159,13 +162,25 @@ class SparseTargets:
 
 @dataclass
 class LossOutput:
-    """``total = alpha * kd + (1 - alpha) * ce``, and how many positions each term averaged."""
+    """``total = alpha * kd + (1 - alpha) * ce``, and how many positions each term averaged.
+
+    ``kd_logged`` (None: ``kd``) is the value training logs under ``kd_log_name``: the
+    divergence ``loss.kind`` names, whatever the cache kind. It differs from ``kd`` only for
+    forward KL on a sampled cache, whose ``kd`` is a cross-entropy estimate (see the module
+    docstring); it carries no gradient.
+    """
 
     total: Tensor
     kd: Tensor
     ce: Tensor
     kd_positions: int
     ce_positions: int
+    kd_logged: Tensor | None = None
+    kd_log_name: str = "kd"
+
+    @property
+    def kd_for_log(self) -> Tensor:
+        return self.kd if self.kd_logged is None else self.kd_logged
 
 
 def _compute_dtype(x: Tensor) -> torch.dtype:
@@ -273,7 +288,7 @@ def _count_targets(hard_targets: Tensor | None, ignore_index: int) -> int:
 
 def distillation_loss(hidden: Tensor, head: Callable[[Tensor], Tensor], targets: SparseTargets,
                       hard_targets: Tensor | None, *, cfg: LossConfig,
-                      vocab_size: int | None = None) -> LossOutput:
+                      vocab_size: int | None = None, teacher_entropy: Tensor | None = None) -> LossOutput:
     """The loss of P positions from final hidden states ``[P, H]`` and the student's output head.
 
     Positions are processed ``cfg.chunk_tokens`` at a time, each chunk under non-reentrant
@@ -282,6 +297,8 @@ def distillation_loss(hidden: Tensor, head: Callable[[Tensor], Tensor], targets:
     never ``[P, V]``. A head wider than the teacher's vocabulary (padding rows) is sliced to
     the first ``vocab_size`` logits before any softmax, so the padding gets no probability
     (and no gradient). ``hard_targets`` ``[P]`` uses ``IGNORE_INDEX`` for "no target"; None for none.
+    ``teacher_entropy`` ``[P]`` (a sampled cache's stored entropy) changes only the logged value
+    (:func:`logged_kd`), never the loss.
     """
     check_loss_supported(cfg, targets.kind)
     positions = int(hidden.shape[0])
@@ -307,7 +324,24 @@ def distillation_loss(hidden: Tensor, head: Callable[[Tensor], Tensor], targets:
         kd, ce = checkpoint(chunk_sums, hidden[start:stop], targets.slice(start, stop), hard, use_reentrant=False)
         kd_sum = kd_sum + kd
         ce_sum = ce_sum + ce
-    return _combine(kd_sum, ce_sum, positions, _count_targets(hard_targets, IGNORE_INDEX), cfg)
+    out = _combine(kd_sum, ce_sum, positions, _count_targets(hard_targets, IGNORE_INDEX), cfg)
+    return logged_kd(out, kind=targets.kind, cfg=cfg, teacher_entropy=teacher_entropy)
+
+
+def logged_kd(out: LossOutput, *, kind: str, cfg: LossConfig, teacher_entropy: Tensor | None) -> LossOutput:
+    """``out`` with the value to log as ``kd`` set: for forward KL on a sampled cache, whose
+    ``kd`` is the soft cross-entropy estimate, ``kd - T**2 mean(H)`` (a KL estimate, as the
+    ``kd`` of a top-k cache is a KL), or, without the teacher entropy, ``kd`` itself under the
+    name ``kd_ce``. Other cases log ``kd`` as it is. Never part of the graph."""
+    if kind not in _SAMPLED_KINDS or cfg.kind != "forward_kl":
+        return out
+    if teacher_entropy is None or bool(torch.isnan(teacher_entropy).any()):
+        out.kd_logged, out.kd_log_name = out.kd.detach(), "kd_ce"
+        return out
+    entropy = teacher_entropy.detach().to(device=out.kd.device, dtype=out.kd.dtype)
+    shift = entropy.sum() * (cfg.temperature ** 2) / max(out.kd_positions, 1)
+    out.kd_logged = out.kd.detach() - shift
+    return out
 
 
 def _dense_loss(logits: Tensor, teacher_logprobs: Tensor, hard: Tensor | None, cfg: LossConfig,

@@ -19,6 +19,12 @@ on the cached ids, where ``1 - sum`` would not be; below float32's smallest norm
 (a lossy codec's top-k can decode to a sum of 1 or more) is raised to it and the ``k + 1``
 outcomes renormalised. By the data-processing inequality the coarse-grained KL is a lower
 bound on the full KL, and equals it when ``k == V`` (there is then no tail bucket).
+
+KL against a sampled cache (``token_sampled``, and ``token_topk_sampled`` whose tail is held
+as draws) is estimated as ``CE_est - H`` from the draws and the stored teacher entropy, and a
+pure sampled cache's top-1 agreement from the most-drawn id: see
+:mod:`~logitcache.pipeline.distill.kl_estimates`, and :func:`token_metric_kinds` for what an
+evaluation reports as exact, estimated or unavailable.
 """
 
 from __future__ import annotations
@@ -31,9 +37,10 @@ from typing import Any
 import numpy as np
 import torch
 
+from logitcache.pipeline.distill.kl_estimates import estimated_kl, most_drawn, token_metric_kinds
 from logitcache.pipeline.distill.losses import IGNORE_INDEX, SparseTargets, sparse_divergence
 
-__all__ = ["ClassificationMetrics", "LanguageMetrics", "token_metrics"]
+__all__ = ["ClassificationMetrics", "LanguageMetrics", "token_metric_kinds", "token_metrics"]
 
 OVERALL = "all"
 
@@ -44,9 +51,19 @@ def token_metrics(
     *,
     topk_ids: torch.Tensor | None = None,
     topk_logprobs: torch.Tensor | None = None,
+    sample_ids: torch.Tensor | None = None,
+    sample_counts: torch.Tensor | None = None,
+    entropy: torch.Tensor | None = None,
     hard_targets: torch.Tensor | None = None,
 ) -> dict[str, torch.Tensor]:
-    """Per-position ``ce``, ``kl`` and ``top1`` (float32 ``[P]``, NaN where undefined)."""
+    """Per-position ``ce``, ``kl`` and ``top1`` (float32 ``[P]``, NaN where undefined).
+
+    With draws (``sample_ids``/``sample_counts`` ``[P, S]``, count 0 = padding) and the
+    teacher ``entropy`` ``[P]``, ``kl`` is the estimate ``CE_est - H``; with draws but no
+    entropy it is the top-k bucket KL where there is a head, else NaN. ``top1`` compares with
+    the top-k head's first id, else with the most-drawn id (an estimate). See the module
+    docstring and :mod:`~logitcache.pipeline.distill.kl_estimates`.
+    """
     if student_logits.ndim != 2:
         raise ValueError(f"student_logits must be [P, V], got {tuple(student_logits.shape)}")
     logits = student_logits.float()
@@ -69,6 +86,11 @@ def token_metrics(
 
     if (topk_ids is None) != (topk_logprobs is None):
         raise ValueError("topk_ids and topk_logprobs go together")
+    if (sample_ids is None) != (sample_counts is None):
+        raise ValueError("sample_ids and sample_counts go together")
+    if sample_ids is not None:
+        return {"ce": ce, **_sampled_metrics(logits, topk_ids=topk_ids, topk_logprobs=topk_logprobs,
+                                             sample_ids=sample_ids, sample_counts=sample_counts, entropy=entropy)}
     if topk_ids is None or topk_logprobs is None:
         return {"ce": ce, "kl": nan.clone(), "top1": nan.clone()}
     k = topk_ids.shape[-1]
@@ -81,6 +103,33 @@ def token_metrics(
     kl = sparse_divergence(logits, targets, kind="forward_kl", tail="bucket")
     top1 = (logits.argmax(1) == ids[:, 0]).float()
     return {"ce": ce, "kl": kl, "top1": top1}
+
+
+def _sampled_metrics(logits: torch.Tensor, *, topk_ids: torch.Tensor | None, topk_logprobs: torch.Tensor | None,
+                     sample_ids: torch.Tensor, sample_counts: torch.Tensor,
+                     entropy: torch.Tensor | None) -> dict[str, torch.Tensor]:
+    """``kl`` and ``top1`` of a sampled or hybrid cache's positions (see :func:`token_metrics`)."""
+    n, device = logits.shape[0], logits.device
+    if sample_ids.shape[0] != n or sample_counts.shape != sample_ids.shape:
+        raise ValueError(f"sample_ids {tuple(sample_ids.shape)} and sample_counts "
+                         f"{tuple(sample_counts.shape)} must both be [{n}, S]")
+    head = topk_ids is not None and topk_logprobs is not None
+    targets = SparseTargets(
+        kind="token_topk_sampled" if head else "token_sampled",
+        topk_ids=topk_ids.to(device=device, dtype=torch.long) if head else None,
+        topk_logprobs=topk_logprobs.to(device=device, dtype=torch.float32) if head else None,
+        sample_ids=sample_ids.to(device=device, dtype=torch.long), sample_counts=sample_counts.to(device))
+    if entropy is not None:
+        if entropy.shape != (n,):
+            raise ValueError(f"entropy must be [{n}], got {tuple(entropy.shape)}")
+        kl = estimated_kl(logits, targets, entropy).float()
+    elif head:
+        bucket = SparseTargets(kind="token_topk", topk_ids=targets.topk_ids, topk_logprobs=targets.topk_logprobs)
+        kl = sparse_divergence(logits, bucket, kind="forward_kl", tail="bucket")
+    else:
+        kl = torch.full((n,), math.nan, dtype=torch.float32, device=device)
+    teacher_top = targets.topk_ids[:, 0] if head else most_drawn(targets.sample_ids, targets.sample_counts)
+    return {"kl": kl, "top1": (logits.argmax(1) == teacher_top).float()}
 
 
 def _group(langs: Sequence[str] | np.ndarray, n: int | None = None) -> tuple[list[str], np.ndarray]:

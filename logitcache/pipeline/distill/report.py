@@ -11,7 +11,9 @@ down a column: first the results (where each student comes from, the cache it wa
 from, its size, its overall metrics and its distance to the best student and to the
 hard-label baseline), then one table per metric with the languages as columns. Metrics the
 summaries carry beyond the known ones get columns and tables of their own, and a summary's
-``teacher_<metric>`` values make a teacher row. Numbers have fixed decimals and are
+``teacher_<metric>`` values make a teacher row (which says "not stored" where the cache
+holds no teacher CE). Columns of estimated metrics (``kl_estimated``, ``top1_estimated`` in a
+summary, see ``metric_kinds``) are marked "(est.)". Numbers have fixed decimals and are
 right-aligned. Ordering is deterministic (students as given, languages sorted, the overall
 column ``all`` last) so reports of reruns compare line by line; missing values show as "–".
 :func:`read_metrics_jsonl` reads training logs, including those of a killed run.
@@ -62,6 +64,8 @@ def _missing(value: Any) -> bool:
 def _fmt_metric(value: Any, fmt: str) -> str:
     if _missing(value):
         return DASH
+    if isinstance(value, str):  # a word in place of a number: "not stored"
+        return value
     if fmt == "pct":
         return f"{100.0 * value:.1f}"
     return f"{value:{fmt}}"
@@ -132,24 +136,40 @@ def _extra_keys(kind: str, metrics: Mapping[str, Mapping[str, Any]]) -> list[str
     return extra
 
 
-def _metric_columns(kind: str, metrics: Mapping[str, Mapping[str, Any]]) -> list[tuple[str, str, str]]:
-    return [*COLUMNS[kind], *((key, key, EXTRA_FORMAT) for key in _extra_keys(kind, metrics))]
+#: Summary flags that mark a metric as estimated, and the metric they mark.
+ESTIMATED = {"kl": "kl_estimated", "top1": "top1_estimated"}
+NOT_STORED = "not stored"
 
 
-def _teacher_values(metrics: Mapping[str, Mapping[str, Any]], lang: str) -> dict[str, Any]:
+def _metric_columns(kind: str, metrics: Mapping[str, Mapping[str, Any]],
+                    students: Mapping[str, Mapping[str, Any]] | None = None) -> list[tuple[str, str, str]]:
+    """The kind's columns and any extra metric's; a metric that some student's evaluation
+    estimated (rather than computed exactly) is labelled "(est.)"."""
+    estimated = {key for key, flag in ESTIMATED.items()
+                 if any((students or {}).get(name, {}).get(flag) for name in metrics)}
+    known = [(key, f"{label} (est.)" if key in estimated else label, fmt) for key, label, fmt in COLUMNS[kind]]
+    return [*known, *((key, key, EXTRA_FORMAT) for key in _extra_keys(kind, metrics))]
+
+
+def _teacher_values(metrics: Mapping[str, Mapping[str, Any]], lang: str,
+                    students: Mapping[str, Mapping[str, Any]] | None = None) -> dict[str, Any]:
     """The teacher's own metrics at ``lang`` (``teacher_ce`` -> ``ce``): the same records give
-    the same values for every student, so the first student that has them speaks for all."""
+    the same values for every student, so the first student that has them speaks for all.
+    Where the evaluation says the teacher's CE is not stored, CE and PPL say so."""
     for summary in metrics.values():
         values = {key[len(TEACHER):]: value for key, value in (summary.get(lang) or {}).items()
                   if key.startswith(TEACHER) and not _missing(value)}
         if values:
             return values
+    if any(((students or {}).get(name, {}).get("teacher") or {}).get("ce") == NOT_STORED for name in metrics):
+        return {"ce": NOT_STORED, "ppl": NOT_STORED}
     return {}
 
 
-def _has_teacher(metrics: Mapping[str, Mapping[str, Any]], keys: Sequence[str]) -> bool:
+def _has_teacher(metrics: Mapping[str, Mapping[str, Any]], keys: Sequence[str],
+                 students: Mapping[str, Mapping[str, Any]] | None = None) -> bool:
     langs = _languages(list(metrics.values()))
-    return any(key in _teacher_values(metrics, lang) for lang in langs for key in keys)
+    return any(key in _teacher_values(metrics, lang, students) for lang in langs for key in keys)
 
 
 def _compact_count(value: Any) -> str:
@@ -211,7 +231,7 @@ def _results_section(kind: str, students: Mapping[str, Mapping[str, Any]],
                      metrics: Mapping[str, Mapping[str, Any]], cache_ids: Mapping[str, str]) -> list[str]:
     """One row per student: where it comes from, its size and its overall metrics, and how far
     its primary metric is from the best student's (and the best hard-label-only baseline's)."""
-    columns = _metric_columns(kind, metrics)
+    columns = _metric_columns(kind, metrics, students)
     key, label, fmt, lower_better = PRIMARY[kind]
     names = list(metrics)
     overall = {name: metrics[name].get(OVERALL) or {} for name in names}
@@ -236,7 +256,7 @@ def _results_section(kind: str, students: Mapping[str, Mapping[str, Any]],
         if baseline is not None:
             row.append(_delta(overall[name].get(key), baseline, fmt))
         rows.append(row)
-    teacher = _teacher_values(metrics, OVERALL)
+    teacher = _teacher_values(metrics, OVERALL, students)
     if any(k in teacher for k, _, _ in columns):
         rows.append([f"*{TEACHER_ROW}*", TEACHER_ROW, DASH, DASH, DASH, DASH,
                      *(_fmt_metric(teacher.get(k), f) for k, _, f in columns),
@@ -244,16 +264,17 @@ def _results_section(kind: str, students: Mapping[str, Mapping[str, Any]],
     return [f"## Results ({kind})", "", *_table(header, rows, left=4), ""]
 
 
-def _per_language_sections(kind: str, metrics: Mapping[str, Mapping[str, Any]]) -> list[str]:
+def _per_language_sections(kind: str, metrics: Mapping[str, Mapping[str, Any]],
+                           students: Mapping[str, Mapping[str, Any]] | None = None) -> list[str]:
     """A table per metric, students as rows and languages as columns (``all`` last), plus the
     teacher's row where the summaries carry its value of that metric."""
     langs = _languages(list(metrics.values()))
     lines: list[str] = []
-    for key, label, fmt in [c for c in _metric_columns(kind, metrics) if c[0] not in NOT_PER_LANGUAGE]:
+    for key, label, fmt in [c for c in _metric_columns(kind, metrics, students) if c[0] not in NOT_PER_LANGUAGE]:
         rows = [[name, *(_fmt_metric((summary.get(lang) or {}).get(key), fmt) for lang in langs)]
                 for name, summary in metrics.items()]
-        if _has_teacher(metrics, [key]):
-            rows.append([f"*{TEACHER_ROW}*", *(_fmt_metric(_teacher_values(metrics, lang).get(key), fmt)
+        if _has_teacher(metrics, [key], students):
+            rows.append([f"*{TEACHER_ROW}*", *(_fmt_metric(_teacher_values(metrics, lang, students).get(key), fmt)
                                                for lang in langs)])
         header = ["student", *(f"**{lang}**" if lang == OVERALL else lang for lang in langs)]
         lines += [f"## Per-language {label} ({kind})", "", *_table(header, rows), ""]
@@ -302,7 +323,7 @@ def write_report(
             lines += _results_section(kind, students, groups[kind], cache_ids)
     for kind in KINDS:
         if groups[kind]:
-            lines += _per_language_sections(kind, groups[kind])
+            lines += _per_language_sections(kind, groups[kind], students)
     if cache_ids:
         lines += _caches_section(students, cache_ids)
     lines += _students_section(students)

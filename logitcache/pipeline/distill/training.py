@@ -45,7 +45,7 @@ from logitcache.pipeline.distill.students import Student
 #: Fraction of the peak learning rate that the cosine and linear schedules decay to.
 FINAL_LR_FRACTION = 0.1
 #: What the log window sums between optimizer steps; all of it adds up over ranks.
-_WINDOW_KEYS = ("loss", "kd", "ce", "batches", "positions", "tokens")
+_WINDOW_KEYS = ("loss", "kd", "ce", "batches", "positions", "tokens", "kd_ce_batches")
 
 
 def lr_factor(step: int, *, cfg: OptimizerConfig, total_steps: int) -> float:
@@ -86,7 +86,8 @@ def token_batch_loss(student: Student, batch: TokenBatch) -> LossOutput:
             kind=student_cache_kind(batch),
         )
         return distillation_loss(hidden[mask], student.head, targets, batch.hard_targets[mask],
-                                 cfg=student.cfg.loss, vocab_size=student.target_width)
+                                 cfg=student.cfg.loss, vocab_size=student.target_width,
+                                 teacher_entropy=None if batch.entropy is None else batch.entropy[mask])
 
 
 def student_cache_kind(batch: TokenBatch) -> str:
@@ -145,10 +146,13 @@ def union_share(out: LossOutput, *, kd_positions: float, ce_positions: float, al
     ``kd_positions`` labelled positions and ``ce_positions`` hard targets in all: the rank's
     means weighted by its share of each count, so that the parts (and their gradients) sum
     over ranks to the union's loss (and gradient)."""
-    kd = out.kd * (out.kd_positions / max(kd_positions, 1.0))
+    share = out.kd_positions / max(kd_positions, 1.0)
+    kd = out.kd * share
     ce = out.ce * (out.ce_positions / max(ce_positions, 1.0))
     return LossOutput(total=alpha * kd + (1.0 - alpha) * ce, kd=kd, ce=ce,
-                      kd_positions=out.kd_positions, ce_positions=out.ce_positions)
+                      kd_positions=out.kd_positions, ce_positions=out.ce_positions,
+                      kd_logged=None if out.kd_logged is None else out.kd_logged * share,
+                      kd_log_name=out.kd_log_name)
 
 
 @dataclass(kw_only=True)
@@ -221,8 +225,12 @@ class StudentRun:
         accum = student.cfg.grad_accum
         if out is not None:
             (out.total / accum).backward()
-            for name, value in (("loss", out.total), ("kd", out.kd), ("ce", out.ce)):
+            # "kd" sums the logged divergence (a KL on every cache kind, see LossOutput.kd_logged);
+            # batches that could only log a cross-entropy make the row say kd_ce instead
+            for name, value in (("loss", out.total), ("kd", out.kd_for_log), ("ce", out.ce)):
                 self.window[name] = self.window.get(name, 0.0) + float(value.detach())
+            if out.kd_log_name == "kd_ce":
+                self.window["kd_ce_batches"] = self.window.get("kd_ce_batches", 0.0) + 1
             self.window["positions"] = self.window.get("positions", 0.0) + out.kd_positions
         if counted and self.ranks.is_main:
             self.window["batches"] = self.window.get("batches", 0.0) + 1
@@ -243,6 +251,8 @@ class StudentRun:
             batches = max(1.0, self.window.pop("batches", 0.0))
             row = {"step": self.step, **{k: self.window[k] / batches for k in ("loss", "kd", "ce") if k in self.window},
                    "lr": lr, "tokens": self.tokens, "positions": int(self.window.get("positions", 0))}
+            if self.window.get("kd_ce_batches") and "kd" in row:
+                row["kd_ce"] = row.pop("kd")
             self.window = {}
         self.seconds += time.perf_counter() - start
         if row is not None:
