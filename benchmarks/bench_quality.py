@@ -456,7 +456,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--ks", help="comma-separated top-k sizes (default 8,32,64,128; none for no top-k cache)")
     parser.add_argument("--samples", help="comma-separated draws per position of the sampled caches (default "
                         "8,16,32,64; none for no sampled cache)")
-    parser.add_argument("--hybrid", help="comma-separated k:draws[:codec] of hybrid caches (default 8:16:q8; codec: "
+    parser.add_argument("--hybrid", help="comma-separated k:draws[:codec] of hybrid caches (default 8:16:q8; none for no hybrid cache; codec: "
                         "that cache's value codec instead of --values)")
     parser.add_argument("--tails", help="comma-separated tails of the top-k students (default bucket,renormalize)")
     parser.add_argument("--alphas", help="comma-separated loss.alpha values (default 0.5,1)")
@@ -479,7 +479,7 @@ def main(argv: list[str] | None = None) -> int:
         if value:
             setattr(s, key, () if value == "none" else tuple(kind(x) for x in value.split(",")))
     if args.hybrid:
-        s.hybrid = tuple(hybrid_spec(spec) for spec in args.hybrid.split(","))
+        s.hybrid = () if args.hybrid == "none" else tuple(hybrid_spec(spec) for spec in args.hybrid.split(","))
     s = replace(s, steps=args.steps or s.steps, threads=args.threads or s.threads, device=args.device,
                 batch_tokens=args.batch_tokens or s.batch_tokens, teacher_steps=args.teacher_steps or s.teacher_steps,
                 values=args.values or s.values)

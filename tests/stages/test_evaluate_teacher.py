@@ -74,7 +74,7 @@ def test_a_cache_without_the_column_says_not_stored(caches, tmp_path, monkeypatc
     plain = build_module.record_layout
     monkeypatch.setattr(build_module, "record_layout", lambda cfg, t: replace(plain(cfg, t), target_logprob=False))
     cfg = cache_job(tmp_path, "old", caches["dense"].corpus.data_files[0].rsplit("/", 1)[0],
-                    caches["dense"].teacher.model, mode="sampled", samples=4)
+                    caches["dense"].teacher.model, mode="sampled", samples=4, entropy=False)
     build_cache(cfg, progress=False)
     result = evaluate(cfg, caches["other"], tmp_path / "report").students["other"]
     assert result["teacher"]["ce"] == "not stored" and "teacher_ce" not in result["metrics"]["all"]
