@@ -43,8 +43,9 @@ Usage (from the repository root)::
 
     python benchmarks/bench_quality.py [--quick] [--out FILE.md] [--regimes low,high]
 
-``--quick`` (CPU, about 15 minutes) runs fewer settings (k 8 and 64, sampled 16, one hybrid,
-T=1), one seed and fewer steps; its numbers show the shape, not figures to quote.
+``--quick`` (CPU: about 7 minutes on two otherwise idle cores) runs fewer settings (k 8 and
+64, sampled 16, the default hybrid, T=1), one seed and fewer steps; its numbers show the
+shape, not figures to quote.
 """
 
 from __future__ import annotations
@@ -449,7 +450,7 @@ def hybrid_spec(spec: str) -> tuple[int, int, str]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="fewer settings, one seed, fewer steps (~15 min)")
+    parser.add_argument("--quick", action="store_true", help="fewer settings, one seed, fewer steps (~7 min on 2 idle cores)")
     parser.add_argument("--out", type=Path, help="also write the markdown report here")
     parser.add_argument("--workdir", type=Path, help="keep everything here instead of a temporary directory")
     parser.add_argument("--regimes", help="comma-separated regimes (default low,high)")
