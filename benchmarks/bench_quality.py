@@ -97,7 +97,7 @@ class Settings:
     alphas: tuple[float, ...] = (0.5, 1.0)
     temperatures: tuple[float, ...] = (1.0, 2.0)
     seeds: tuple[int, ...] = (0, 1, 2)
-    values: str = "float16"  # the config's default value codec
+    values: str = "float16"  # value codec of the top-k and sampled caches (mode topk's default)
     steps: int = 200
     batch_tokens: int = 2048
     epochs: float = 1.5  # passes over the distillation corpus's training split in ``steps``

@@ -237,9 +237,9 @@ class WindowsConfig(_Section):
 #: What ``k``, ``samples``, ``values`` and ``entropy`` become when a config leaves them unset,
 #: per mode. ``topk+sampled`` (the default mode) with these kept 91-99% of full-distribution
 #: KD's gain by KL at alpha 0.5 and 1 in a low- and a high-entropy regime (three seeds), at
-#: under 40 B/token, where top-k alone
-#: lost to hard labels at alpha 1 (``benchmarks/bench_quality.py``, docs/quality.md). In the
-#: modes that keep no top-k (or draw nothing), the unused field keeps the top-k default.
+#: under 40 B/token, where top-k alone lost to hard labels at alpha 1
+#: (``benchmarks/bench_quality.py``, docs/quality.md). In the modes that keep no top-k (or
+#: draw nothing), the unused field keeps the top-k default.
 MODE_DEFAULTS: dict[str, dict[str, Any]] = {
     "topk": {"k": 64, "samples": 50, "values": "float16", "entropy": False},
     "sampled": {"k": 64, "samples": 50, "values": "float16", "entropy": True},

@@ -54,7 +54,7 @@ from logitcache.pipeline.distill.metrics import (
     token_metric_kinds,
     token_metrics,
 )
-from logitcache.pipeline.distill.report import read_metrics_jsonl, write_report
+from logitcache.pipeline.distill.report import NOT_STORED, read_metrics_jsonl, write_report
 from logitcache.pipeline.distill.shard_checks import find_corrupt_shards, warn_skipped
 from logitcache.pipeline.distill.students import (
     Student,
@@ -136,23 +136,20 @@ def evaluate_students(cfg: JobConfig, students: dict[str, Student], *, texts: di
                       "info": describe_student(student), "skipped_shards": sorted(skipped)}
                for name, student in students.items()}
     if layout.is_token_level:
+        teacher_summary = teacher.summary() if layout.target_logprob else None
         for result in results.values():
-            _add_teacher(result, teacher.summary() if layout.target_logprob else None)
+            _add_teacher(result, teacher_summary)
             result.update(metric_kinds=token_metric_kinds(layout))
             result.update(kl_estimated=result["metric_kinds"]["kl_estimated"],
                           top1_estimated=result["metric_kinds"]["top1_estimated"])
     return results
 
 
-#: What the teacher row says when the cache holds no ``target_logprob`` column.
-TEACHER_NOT_STORED = "not stored"
-
-
 def _add_teacher(result: dict[str, Any], summary: dict[str, dict[str, Any]] | None) -> None:
     """The teacher's held-out CE and perplexity beside the student's, per language, from the
     same positions (``teacher_ce``, ``teacher_ppl``); ``summary`` None: the cache lacks them."""
     if summary is None:
-        result["teacher"] = {"ce": TEACHER_NOT_STORED, "note": (
+        result["teacher"] = {"ce": NOT_STORED, "note": (
             "the teacher's CE is not stored: this cache was built without the target_logprob column "
             "(before logitcache stored it); rebuild it with --overwrite to get it")}
         return
@@ -175,11 +172,9 @@ def _token_eval(student: Student, batch: TokenBatch, metrics: LanguageMetrics) -
     with student.autocast():
         hidden = student.hidden_states(batch.input_ids, batch.position_ids)[mask]
     langs = batch.position_langs()
-    topk_ids = None if batch.topk_ids is None else batch.topk_ids[mask]
-    topk_lp = None if batch.topk_logprobs is None else batch.topk_logprobs[mask]
-    s_ids = None if batch.sample_ids is None else batch.sample_ids[mask]
-    s_counts = None if batch.sample_counts is None else batch.sample_counts[mask]
-    entropy = None if batch.entropy is None else batch.entropy[mask]
+    topk_ids, topk_lp = _select(batch.topk_ids, mask), _select(batch.topk_logprobs, mask)
+    s_ids, s_counts = _select(batch.sample_ids, mask), _select(batch.sample_counts, mask)
+    entropy = _select(batch.entropy, mask)
     hard = batch.hard_targets[mask]
     chunk = student.cfg.loss.chunk_tokens
     for start in range(0, hidden.shape[0], chunk):
@@ -187,14 +182,16 @@ def _token_eval(student: Student, batch: TokenBatch, metrics: LanguageMetrics) -
         with student.autocast():
             logits = student.head(hidden[start:stop])
         rows = slice(start, stop)
-        values = token_metrics(logits.float(), topk_ids=_rows(topk_ids, rows), topk_logprobs=_rows(topk_lp, rows),
-                               sample_ids=_rows(s_ids, rows), sample_counts=_rows(s_counts, rows),
-                               entropy=_rows(entropy, rows), hard_targets=hard[rows])
+        values = token_metrics(logits.float(), topk_ids=_select(topk_ids, rows),
+                               topk_logprobs=_select(topk_lp, rows), sample_ids=_select(s_ids, rows),
+                               sample_counts=_select(s_counts, rows), entropy=_select(entropy, rows),
+                               hard_targets=hard[rows])
         metrics.add(langs[start:stop], values)
 
 
-def _rows(tensor: torch.Tensor | None, rows: slice) -> torch.Tensor | None:
-    return None if tensor is None else tensor[rows]
+def _select(tensor: torch.Tensor | None, index: torch.Tensor | slice) -> torch.Tensor | None:
+    """``tensor[index]`` of an optional column (None stays None)."""
+    return None if tensor is None else tensor[index]
 
 
 def _sequence_eval(student: Student, batch: SequenceBatch, metrics: ClassificationMetrics,

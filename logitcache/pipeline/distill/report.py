@@ -138,6 +138,7 @@ def _extra_keys(kind: str, metrics: Mapping[str, Mapping[str, Any]]) -> list[str
 
 #: Summary flags that mark a metric as estimated, and the metric they mark.
 ESTIMATED = {"kl": "kl_estimated", "top1": "top1_estimated"}
+#: What the teacher's CE says (in eval.json and the report) when the cache holds no ``target_logprob``.
 NOT_STORED = "not stored"
 
 
