@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from logitcache.storage_schemas.layout import RecordLayout
+from logitcache.storage_schemas.legacy_formats import sort_topk_by_id
 from logitcache.storage_schemas.manifest import Manifest
 from logitcache.storage_schemas.records import RecordBlock
 from logitcache.storage_schemas.value_codecs import get_value_codec
@@ -33,6 +34,17 @@ def sorted_logprobs(rng: np.random.Generator, rows: int, k: int) -> np.ndarray:
     return np.log(-np.sort(-weights, axis=1)).astype(np.float32)
 
 
+def random_draws(rng: np.random.Generator, layout: RecordLayout) -> tuple[np.ndarray, np.ndarray]:
+    """One position's draws as a cache stores them: unique ascending ids and counts summing
+    to ``layout.samples``; one position in ten (of a hybrid cache) has none (no tail mass)."""
+    if layout.kind == "token_topk_sampled" and rng.random() < 0.1:
+        return np.zeros(0, np.int64), np.zeros(0, np.int64)
+    unique = int(rng.integers(1, min(layout.samples, layout.vocab_size) + 1))
+    ids = np.sort(rng.choice(layout.vocab_size, unique, replace=False))
+    counts = 1 + rng.multinomial(layout.samples - unique, np.full(unique, 1 / unique))
+    return ids, counts
+
+
 def make_block(layout: RecordLayout, *, records: int = 7, max_len: int = 12, seed: int = 0,
                first_record: int = 0) -> RecordBlock:
     """A block of ``records`` random records in ``layout`` (some with left context)."""
@@ -55,13 +67,16 @@ def make_block(layout: RecordLayout, *, records: int = 7, max_len: int = 12, see
         if layout.has_topk:
             ids = np.stack([rng.choice(layout.vocab_size, layout.k, replace=False) for _ in range(positions)]) \
                 if positions else np.zeros((0, layout.k), dtype=np.int64)
-            block.topk_ids = ids.astype(layout.id_type)
-            block.topk_logprobs = codec.encode(sorted_logprobs(rng, positions, layout.k))
+            # stored as the cache stores them: each row in ascending id order
+            ids, values = sort_topk_by_id(ids, codec.encode(sorted_logprobs(rng, positions, layout.k)))
+            block.topk_ids, block.topk_logprobs = ids.astype(layout.id_type), values
         if layout.has_samples:
-            per_pos = rng.integers(1, layout.samples + 1, size=positions)
+            draws = [random_draws(rng, layout) for _ in range(positions)]
+            ids, counts = [d[0] for d in draws], [d[1] for d in draws]
+            per_pos = [len(i) for i in ids]
             block.sample_offsets = np.concatenate([[0], np.cumsum(per_pos)]).astype(np.int64)
-            block.sample_ids = rng.integers(0, layout.vocab_size, size=int(per_pos.sum())).astype(layout.id_type)
-            block.sample_counts = rng.integers(1, layout.samples + 1, size=int(per_pos.sum())).astype(np.uint16)
+            block.sample_ids = np.concatenate([[], *ids]).astype(layout.id_type)
+            block.sample_counts = np.concatenate([[], *counts]).astype(np.uint16)
         if layout.entropy:
             block.entropy = rng.uniform(0, 8, size=positions).astype(np.float16)
         if layout.target_logprob:

@@ -17,8 +17,9 @@ at DEST, one work unit per shard as a build does:
    shard is read;
 3. copy SOURCE's build statistics into DEST's manifest, with a note of the repack.
 
-Records (ids, values, order, per-shard statistics) are unchanged: value codecs are not
-re-encoded, only the bytes around them. A repack that is killed resumes, like a build,
+Records (ids, values, per-shard statistics) are unchanged: value codecs are not re-encoded,
+only the bytes around them. A cache of an older format comes out in format 4, each top-k row
+in id order (the same labels). A repack that is killed resumes, like a build,
 with the shards not yet committed; a DEST that holds shards SOURCE does not describe is
 refused (``overwrite`` replaces it). DEST may not be SOURCE: repack into a new directory,
 then swap the two.

@@ -20,7 +20,6 @@ Kinds:
 
 from __future__ import annotations
 
-from collections.abc import Collection
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -117,68 +116,79 @@ class RecordLayout:
         """The element type of each top-k column: ids, and the codec's stored values."""
         return {"topk_ids": np.dtype(self.id_type), "topk_logprobs": self.value_storage_dtype}
 
-    def arrow_schema(self, *, format_1: bool = False, position_rows: Collection[str] = ()) -> pa.Schema:
-        """Arrow schema of one Parquet shard of this layout.
+    def arrow_schema(self) -> pa.Schema:
+        """Arrow schema of one format 4 Parquet shard of this layout.
 
-        A top-k column holds one ``large_binary`` per record: the rows of its labelled
-        positions back to back, each row the position's ``k`` ids (or stored values) as
-        little-endian ``id_type`` (or codec storage type), in rank order. Parquet then reads
-        a record's labels as one value, close to a plain copy. The top-k columns named in
-        ``position_rows`` hold one fixed-size binary per position instead (``list<binary[k x
-        element bytes]>``, format 2's form of every top-k column), which Parquet can split
-        into byte streams (see ``parquet_backend``). No list item is nullable, which spares
-        Parquet a definition level per value. ``format_1`` gives the schema of format 1 shards
-        (top-k as ``list<fixed_size_list<type, k>>``, nullable items), which readers still accept.
+        Each soft-label column holds one ``large_binary`` per record, whatever the vocabulary,
+        codec or compression: the rows of its labelled positions back to back, each row in
+        byte planes (see ``row_planes``). ``topk_ids``: a position's ``k`` ids ascending, as
+        gaps; ``topk_logprobs``: their stored values, in the same order; ``sample_ids``: the
+        ``samples`` draws of each position that has draws, ascending (a repeated id is a
+        repeated draw), as gaps; ``undrawn_positions``: the record's labelled positions
+        (counted from its first labelled one) without draws, because their tail held no
+        probability. Field metadata says how to decode each binary column. No list item is
+        nullable, which spares Parquet a definition level per value.
         """
-        def listed(item: pa.DataType) -> pa.DataType:
-            return pa.list_(item) if format_1 else pa.list_(pa.field("element", item, nullable=False))
-
-        id_t = pa.from_numpy_dtype(self.id_type)
-        value_t = self.value_storage_type
-        fields = [
-            pa.field("record_id", pa.uint64(), nullable=False),
-            pa.field("doc_key", pa.string(), nullable=False),
-            pa.field("lang", pa.dictionary(pa.int32(), pa.string()), nullable=False),
-            pa.field("input_ids", listed(pa.uint32()), nullable=False),
-        ]
-        if self.is_token_level:
-            # leading positions of input_ids that are left context only (no stored labels)
-            fields.append(pa.field("context_length", pa.uint32(), nullable=False))
-        if self.has_topk and format_1:
+        fields = base_fields(self, nullable_items=False)
+        if self.has_topk:
             fields += [
-                pa.field("topk_ids", listed(pa.list_(id_t, self.k)), nullable=False),
-                pa.field("topk_logprobs", listed(pa.list_(value_t, self.k)), nullable=False),
+                pa.field("topk_ids", pa.large_binary(), nullable=False,
+                         metadata=_binary_metadata(f"{self.k} x {self.id_type} ids per position, ascending,"
+                                                   f" as gaps", self.id_type)),
+                pa.field("topk_logprobs", pa.large_binary(), nullable=False,
+                         metadata=_binary_metadata(f"{self.k} x {self.value_storage_dtype.name} values "
+                                                   f"({self.value_codec}) per position, in the order of "
+                                                   "topk_ids", self.value_storage_dtype.name)),
             ]
-        elif self.has_topk:
-            unknown = set(position_rows) - set(self.topk_dtypes)
-            if unknown:
-                raise ValueError(f"position_rows names no top-k column: {', '.join(sorted(unknown))}")
-            for name, dtype in self.topk_dtypes.items():
-                per_position = name in position_rows
-                column_t = listed(pa.binary(self.k * dtype.itemsize)) if per_position else pa.large_binary()
-                fields.append(pa.field(name, column_t, nullable=False,
-                                       metadata=_row_metadata(dtype.name, self.k, per_position=per_position)))
         if self.has_samples:
-            count_t = pa.from_numpy_dtype(SAMPLE_COUNT_TYPE)
             fields += [
-                pa.field("sample_ids", listed(listed(id_t)), nullable=False),
-                pa.field("sample_counts", listed(listed(count_t)), nullable=False),
+                pa.field("sample_ids", pa.large_binary(), nullable=False,
+                         metadata=_binary_metadata(f"{self.samples} x {self.id_type} draws per position "
+                                                   "with draws, ascending, as gaps", self.id_type)),
+                pa.field("undrawn_positions", pa.list_(pa.field("element", pa.uint32(), nullable=False)),
+                         nullable=False),
             ]
-        if self.entropy and self.is_token_level:
-            fields.append(pa.field("entropy", listed(pa.float16()), nullable=False))
-        if self.target_logprob and self.is_token_level:
-            fields.append(pa.field("target_logprob", listed(pa.float16()), nullable=False))
-        if self.kind == "sequence_probs":
-            class_t = pa.list_(value_t, self.num_classes) if format_1 else pa.list_(
-                pa.field("element", value_t, nullable=False), self.num_classes)
-            fields += [
-                pa.field("class_logprobs", class_t, nullable=False),
-                pa.field("label", pa.int32(), nullable=False),
-            ]
-        return pa.schema(fields)
+        return pa.schema(fields + per_position_fields(self, nullable_items=False))
 
 
-def _row_metadata(element_type: str, k: int, *, per_position: bool) -> dict[str, str]:
-    """Field metadata that lets any Parquet reader decode top-k rows without logitcache."""
-    value = "one row per labelled position" if per_position else "the record's rows, one per labelled position"
-    return {"logitcache.row": f"{k} x little-endian {element_type}", "logitcache.value": value}
+def _listed(item: pa.DataType, *, nullable_items: bool) -> pa.DataType:
+    return pa.list_(item) if nullable_items else pa.list_(pa.field("element", item, nullable=False))
+
+
+def base_fields(layout: RecordLayout, *, nullable_items: bool) -> list[pa.Field]:
+    """The columns every format has first: identity, tokens, left context."""
+    fields = [
+        pa.field("record_id", pa.uint64(), nullable=False),
+        pa.field("doc_key", pa.string(), nullable=False),
+        pa.field("lang", pa.dictionary(pa.int32(), pa.string()), nullable=False),
+        pa.field("input_ids", _listed(pa.uint32(), nullable_items=nullable_items), nullable=False),
+    ]
+    if layout.is_token_level:
+        # leading positions of input_ids that are left context only (no stored labels)
+        fields.append(pa.field("context_length", pa.uint32(), nullable=False))
+    return fields
+
+
+def per_position_fields(layout: RecordLayout, *, nullable_items: bool) -> list[pa.Field]:
+    """The columns every format has last: entropy, target log-prob, class distributions."""
+    fields = []
+    if layout.entropy and layout.is_token_level:
+        fields.append(pa.field("entropy", _listed(pa.float16(), nullable_items=nullable_items), nullable=False))
+    if layout.target_logprob and layout.is_token_level:
+        fields.append(pa.field("target_logprob", _listed(pa.float16(), nullable_items=nullable_items),
+                               nullable=False))
+    if layout.kind == "sequence_probs":
+        value_t = layout.value_storage_type
+        class_t = pa.list_(value_t if nullable_items else pa.field("element", value_t, nullable=False),
+                           layout.num_classes)
+        fields += [pa.field("class_logprobs", class_t, nullable=False),
+                   pa.field("label", pa.int32(), nullable=False)]
+    return fields
+
+
+def _binary_metadata(rows: str, element_type: str) -> dict[str, str]:
+    """Field metadata that lets any Parquet reader decode a binary column without logitcache."""
+    width = np.dtype(element_type).itemsize
+    planes = "one byte plane" if width == 1 else f"{width} byte planes (lowest byte first)"
+    return {"logitcache.rows": rows, "logitcache.row_bytes": f"{planes} per row",
+            "logitcache.decode": "README.md, 'Cache format': reading a shard elsewhere"}

@@ -21,6 +21,13 @@ major version with an error that says to upgrade logitcache. Major versions:
    shard; columns that Parquet splits into byte streams (4-byte elements, compressed) keep
    format 2's row per position. Shards of formats 1 and 2 are still read, and a build that
    adds to such a cache writes format 3 shards and marks it 3.0, as above.
+4. Every soft-label column is one binary per record whatever the vocabulary, codec and
+   compression: a position's top-k ids ascending, as gaps in byte planes, their values in
+   the same order (q8 as plain levels), and sampled draws as ascending gap rows; about a
+   third fewer bytes on real teacher outputs (BENCHMARKS.md, "Cache format 4"). Zarr shards
+   (version 2) store the top-k in the same id order. Shards of formats 1 to 3 are read
+   through ``legacy_formats``; a build that adds to such a cache writes format 4 shards and
+   marks it 4.0.
 """
 
 from __future__ import annotations
@@ -35,9 +42,9 @@ from logitcache.storage_schemas.layout import RecordLayout
 from logitcache.storage_schemas.location import CacheLocation
 
 FORMAT_NAME = "logitcache"
-FORMAT_VERSION = "3.0"
+FORMAT_VERSION = "4.0"
 #: Major versions this logitcache reads.
-READABLE_MAJORS = (1, 2, 3)
+READABLE_MAJORS = (1, 2, 3, 4)
 MANIFEST_FILE = "manifest.json"
 SHARDS_DIR = "shards"
 INCOMPLETE_DIR = "_incomplete"

@@ -2,17 +2,16 @@
 
 Column encodings were chosen by measurement (``benchmarks/bench_codecs.py``): zstd (or lz4,
 or nothing, as ``storage.compression`` says) on every column, dictionary encoding only for
-``doc_key`` and ``lang``, and, when compressing, BYTE_STREAM_SPLIT for the sampled ids,
-entropy, target log-probability and class values and for top-k rows of 4-byte elements (see :func:`_split_columns`).
+``doc_key`` and ``lang``, and Parquet's BYTE_STREAM_SPLIT only for the class values of a
+float32 or q8 classifier cache, when compressing. The soft-label columns split their own
+bytes into planes (format 4, see ``row_planes`` and ``layout.RecordLayout.arrow_schema``),
+so their physical type is one binary per record whatever the vocabulary, codec and
+compression, which every Parquet reader reads; float16 columns are not split by Parquet,
+because some readers (polars) cannot read split FIXED_LEN_BYTE_ARRAY columns.
 
-A top-k column holds one binary value per record, the record's rows back to back (format 3,
-see ``layout.RecordLayout.arrow_schema``): Arrow reads it at close to the speed of a copy,
-where one fixed-size binary per position (format 2) cost it a level and a value per
-position, about twice the read time of an uncompressed shard (BENCHMARKS.md, "Cache format
-3"). Byte stream splitting applies to fixed-size values only, so a column it helps (4-byte
-elements, compressed) keeps format 2's form: :func:`position_row_columns`. The file's
-key-value metadata carries the record layout, the config fingerprint and the work unit, so a
-shard describes itself even away from its manifest.
+The file's key-value metadata carries the record layout, the shard format, the config
+fingerprint and the work unit, so a shard describes itself even away from its manifest.
+Shards of formats 1 to 3 (no ``shard_format`` key) are read through ``legacy_formats``.
 
 A shard on a local disk is read through a memory map (see :meth:`ParquetBackend._opened`):
 read through a Python file object, every block landed first in a fresh ``bytes`` object,
@@ -30,6 +29,7 @@ import pyarrow.parquet as pq
 
 from logitcache.errors import CacheFormatError
 from logitcache.storage_schemas.layout import RecordLayout
+from logitcache.storage_schemas.legacy_formats import legacy_table_to_block
 from logitcache.storage_schemas.location import CacheLocation
 from logitcache.storage_schemas.records import (
     RecordBlock,
@@ -41,40 +41,17 @@ from logitcache.storage_schemas.storage_settings import StorageSettings
 
 METADATA_PREFIX = "logitcache."
 
-#: Columns whose numeric values get BYTE_STREAM_SPLIT when the shard is compressed.
-_SPLIT_COLUMNS = ("sample_ids", "entropy", "target_logprob", "class_logprobs")
+#: The format of the shards this module writes (file metadata ``logitcache.shard_format``).
+SHARD_FORMAT = "4"
 
 
-def _split_columns(schema: pa.Schema, layout: RecordLayout) -> list[str]:
-    """Parquet leaf paths of the columns to split into byte streams."""
-    out = []
-    for name in _SPLIT_COLUMNS:
-        if name not in schema.names:
-            continue
-        path, leaf_type = name, schema.field(name).type
-        while pa.types.is_list(leaf_type) or pa.types.is_fixed_size_list(leaf_type):
-            path, leaf_type = f"{path}.list.element", leaf_type.value_type
-        # every integer is at least 32 bits in Parquet (uint8 and uint16 become INT32), so
-        # splitting helps even one-byte values: their three zero planes compress to nothing
-        if pa.types.is_integer(leaf_type) or pa.types.is_floating(leaf_type):
-            out.append(path)
-    # A top-k row is split into one stream per byte of the row (that byte of that rank,
-    # across positions). Measured at k=64 (bench_codecs data): for 4-byte elements it
-    # lets zstd drop the near-constant high bytes of uint32 ids (131.6 -> 111.9 bytes per
-    # token at a 150k vocabulary) and of float32 values (225.1 -> 192.8); for 1- and 2-byte
-    # elements it made the output larger (float16 values 57.2 -> 73.8) and reading slower.
-    # (:func:`position_row_columns` picks those columns: the top-k columns stored per position)
-    out += [f"{name}.list.element" for name in layout.topk_dtypes
-            if name in schema.names and pa.types.is_list(schema.field(name).type)]
-    return out
-
-
-def position_row_columns(layout: RecordLayout, compression: str) -> frozenset[str]:
-    """The top-k columns that a shard compressed with ``compression`` stores as one binary
-    row per position, for Parquet to split into byte streams: 4-byte elements, compressed."""
-    if not layout.has_topk or compression == "none":
-        return frozenset()
-    return frozenset(name for name, dtype in layout.topk_dtypes.items() if dtype.itemsize >= 4)
+def _split_columns(schema: pa.Schema) -> list[str]:
+    """Parquet leaf paths of the columns to split into byte streams: class values of 4 bytes
+    (float32) or stored as Parquet INT32 (q8 levels); never FIXED_LEN_BYTE_ARRAY (float16)."""
+    if "class_logprobs" not in schema.names:
+        return []
+    value_t = schema.field("class_logprobs").type.value_type
+    return [] if pa.types.is_float16(value_t) else ["class_logprobs.list.element"]
 
 
 #: ``storage.compression`` -> Parquet codec. lz4 is the block format without framing
@@ -91,9 +68,10 @@ class ParquetBackend:
         layout: RecordLayout, storage: StorageSettings, metadata: dict[str, str],
     ) -> int:
         """Write ``block`` to ``rel``; return the number of row groups written."""
-        table = block_to_table(block, layout, position_rows=position_row_columns(layout, storage.compression))
+        table = block_to_table(block, layout)
         file_metadata = {f"{METADATA_PREFIX}{k}": v for k, v in metadata.items()}
         file_metadata[f"{METADATA_PREFIX}layout"] = json.dumps(layout.to_dict())
+        file_metadata[f"{METADATA_PREFIX}shard_format"] = SHARD_FORMAT
         schema = table.schema.with_metadata(file_metadata)
         cuts = block_cuts(block.token_offsets, storage.row_group_tokens)
         compressed = storage.compression != "none"
@@ -103,7 +81,7 @@ class ParquetBackend:
             compression_level=storage.compression_level if storage.compression == "zstd" else None,
             use_dictionary=["doc_key", "lang"],
             # without compression splitting only costs time: the planes are stored as they are
-            use_byte_stream_split=_split_columns(schema, layout) if compressed else False,
+            use_byte_stream_split=_split_columns(schema) if compressed else False,
             write_statistics=["record_id"],
             store_schema=True,
         ) as writer:
@@ -144,12 +122,24 @@ class ParquetBackend:
     def read_metadata(self, location: CacheLocation, rel: str) -> dict[str, str]:
         raw = self.arrow_schema(location, rel).metadata or {}
         prefix = METADATA_PREFIX.encode()
-        return {k[len(prefix):].decode(): v.decode() for k, v in raw.items() if k.startswith(prefix)}
+        out = {k[len(prefix):].decode(): v.decode() for k, v in raw.items() if k.startswith(prefix)}
+        out.pop("shard_format", None)  # the format, not the shard's own metadata (see shard_format)
+        return out
 
     def read_block(self, location: CacheLocation, rel: str, layout: RecordLayout, index: int) -> RecordBlock:
         with self._opened(location, rel) as shard:
-            return table_to_block(shard.read_row_group(index), layout)
+            return _decoder(shard)(shard.read_row_group(index), layout)
 
     def read(self, location: CacheLocation, rel: str, layout: RecordLayout) -> RecordBlock:
         with self._opened(location, rel) as shard:
-            return table_to_block(shard.read(), layout)
+            return _decoder(shard)(shard.read(), layout)
+
+
+def shard_format(schema: pa.Schema) -> str:
+    """The format of a shard from its schema's metadata: "4", or "3" for any older one."""
+    raw = schema.metadata or {}
+    return raw.get(f"{METADATA_PREFIX}shard_format".encode(), b"3").decode()
+
+
+def _decoder(shard: pq.ParquetFile):
+    return table_to_block if shard_format(shard.schema_arrow) == SHARD_FORMAT else legacy_table_to_block

@@ -17,14 +17,19 @@ Python loop over tokens:
 
 from __future__ import annotations
 
-from collections.abc import Collection
 from dataclasses import dataclass, fields, replace
 
 import numpy as np
 import pyarrow as pa
 
 from logitcache.errors import CacheFormatError
-from logitcache.storage_schemas.layout import SAMPLE_COUNT_TYPE, RecordLayout
+from logitcache.storage_schemas.layout import RecordLayout
+from logitcache.storage_schemas.row_planes import (
+    decode_id_rows,
+    encode_id_rows,
+    from_planes,
+    to_planes,
+)
 from logitcache.storage_schemas.value_codecs import get_value_codec
 
 
@@ -166,6 +171,9 @@ class RecordBlock:
             _expect(self.topk_ids.dtype == np.dtype(layout.id_type), "topk_ids", layout.id_type)
             storage = layout.value_storage_dtype
             _expect(self.topk_logprobs.dtype == storage, "topk_logprobs", storage.name)
+            _expect(bool((self.topk_ids[:, 1:] > self.topk_ids[:, :-1]).all()), "topk_ids",
+                    "each position's ids in ascending order (sort each row by id, its values with "
+                    "it: logitcache.storage_schemas.legacy_formats.sort_topk_by_id)")
         if layout.has_samples:
             _expect(self.sample_offsets is not None and self.sample_offsets.shape == (p + 1,),
                     "sample_offsets", f"shape ({p + 1},)")
@@ -173,6 +181,7 @@ class RecordBlock:
             num_samples = int(self.sample_offsets[-1] - self.sample_offsets[0])
             for name in ("sample_ids", "sample_counts"):
                 _expect(getattr(self, name).shape == (num_samples,), name, f"{num_samples} values")
+            _check_draws(self, layout.samples)
         if layout.entropy and layout.is_token_level:
             _expect(self.entropy is not None and self.entropy.shape == (p,), "entropy", f"shape ({p},)")
         if layout.target_logprob and layout.is_token_level:
@@ -183,6 +192,22 @@ class RecordBlock:
                     and self.class_logprobs.shape == (r, layout.num_classes),
                     "class_logprobs", f"shape ({r}, {layout.num_classes})")
             _expect(self.label is not None and self.label.shape == (r,), "label", f"{r} values")
+
+
+def _check_draws(block: RecordBlock, samples: int) -> None:
+    """Each position's ids ascending and unique, their counts summing to ``samples`` (or 0:
+    a position whose tail held no probability has no draws)."""
+    s_off = block.sample_offsets - block.sample_offsets[0]
+    ids = block.sample_ids.astype(np.int64)
+    if ids.size:
+        starts = np.zeros(ids.size, dtype=bool)
+        starts[s_off[:-1][np.diff(s_off) > 0]] = True
+        _expect(bool((np.diff(ids)[~starts[1:]] > 0).all()), "sample_ids",
+                "each position's drawn ids unique and ascending")
+        _expect(bool((block.sample_counts > 0).all()), "sample_counts", "positive counts")
+    totals = draws_per_position(block)
+    _expect(bool(np.isin(totals, (0, samples)).all()), "sample_counts",
+            f"counts summing to {samples} (or 0) at every position")
 
 
 def _expect(ok: bool, column: str, what: str) -> None:
@@ -206,7 +231,7 @@ def _concat_offsets(parts: list[np.ndarray]) -> np.ndarray:
 _MAX_LIST_OFFSET = np.iinfo(np.int32).max
 
 
-def _list_array(offsets: np.ndarray, values: pa.Array, list_type: pa.DataType) -> pa.ListArray:
+def list_array(offsets: np.ndarray, values: pa.Array, list_type: pa.DataType) -> pa.ListArray:
     if len(offsets) and int(offsets[-1]) > _MAX_LIST_OFFSET:
         raise CacheFormatError(
             f"a shard may hold at most {_MAX_LIST_OFFSET:,} values per column, this one needs "
@@ -215,139 +240,173 @@ def _list_array(offsets: np.ndarray, values: pa.Array, list_type: pa.DataType) -
     return pa.ListArray.from_arrays(pa.array(offsets.astype(np.int32), pa.int32()), values, type=list_type)
 
 
-def _little_endian(dtype: np.dtype | str) -> np.dtype:
-    return np.dtype(dtype).newbyteorder("<")
-
-
-def _binary_rows(matrix: np.ndarray, row_type: pa.FixedSizeBinaryType) -> pa.Array:
-    """Each row of ``matrix`` as one fixed-size binary value (its bytes, little-endian)."""
-    rows = np.ascontiguousarray(matrix, dtype=_little_endian(matrix.dtype))
-    return pa.Array.from_buffers(row_type, len(rows), [None, pa.py_buffer(rows)])
-
-
-def _record_rows(matrix: np.ndarray, label_offsets: np.ndarray) -> pa.Array:
-    """One ``large_binary`` per record: the rows of ``matrix`` (little-endian) of its labelled
-    positions ``label_offsets[r]:label_offsets[r + 1]``, back to back (no copy when the rows
-    are already contiguous little-endian)."""
-    rows = np.ascontiguousarray(matrix, dtype=_little_endian(matrix.dtype))
-    row_bytes = rows.shape[1] * rows.itemsize
-    offsets = (np.asarray(label_offsets, dtype=np.int64) - label_offsets[0]) * row_bytes
+def record_rows(rows: np.ndarray, row_offsets: np.ndarray) -> pa.Array:
+    """One ``large_binary`` per record: the byte rows ``rows[row_offsets[r]:row_offsets[r + 1]]``
+    (``[n, row_bytes]`` uint8) back to back, without a copy when ``rows`` is contiguous."""
+    rows = np.ascontiguousarray(rows, dtype=np.uint8)
+    row_bytes = rows.shape[1] if rows.ndim == 2 else 0
+    offsets = (np.asarray(row_offsets, dtype=np.int64) - row_offsets[0]) * row_bytes
     return pa.Array.from_buffers(pa.large_binary(), len(offsets) - 1,
                                  [None, pa.py_buffer(offsets), pa.py_buffer(rows)])
 
 
-def _fixed_rows(matrix: np.ndarray, row_type: pa.FixedSizeListType) -> pa.FixedSizeListArray:
-    return pa.FixedSizeListArray.from_arrays(pa.array(matrix.reshape(-1), row_type.value_type), type=row_type)
+def record_rows_view(arr: pa.Array, name: str, row_bytes: int, row_offsets: np.ndarray) -> np.ndarray:
+    """The ``[n, row_bytes]`` uint8 rows of a column of one binary value per record, viewed in
+    place, after checking that record ``r`` holds exactly ``row_offsets[r + 1] - row_offsets[r]``
+    rows."""
+    offsets_buffer, data = arr.buffers()[1], arr.buffers()[2]
+    offsets = np.frombuffer(offsets_buffer, dtype="<i8", count=len(arr) + 1, offset=arr.offset * 8)
+    need = np.diff(np.asarray(row_offsets, dtype=np.int64)) * row_bytes
+    wrong = np.flatnonzero(np.diff(offsets) != need)
+    if wrong.size:
+        bad = int(wrong[0])
+        raise CacheFormatError(
+            f"{name} of record {bad} holds {int(offsets[bad + 1] - offsets[bad])} bytes, but its "
+            f"{int(need[bad] // row_bytes)} rows need {int(need[bad])} ({row_bytes} bytes per row)"
+        )
+    rows = int(need.sum()) // row_bytes
+    if rows == 0:
+        return np.empty((0, row_bytes), dtype=np.uint8)
+    if data is None or data.size < int(offsets[-1]):
+        raise CacheFormatError(f"{name} holds fewer bytes than its {len(arr)} records need")
+    return np.frombuffer(data, dtype=np.uint8, count=rows * row_bytes, offset=int(offsets[0])).reshape(rows, row_bytes)
 
 
-def block_to_table(block: RecordBlock, layout: RecordLayout, *, position_rows: Collection[str] = ()) -> pa.Table:
-    """The Arrow table of ``block`` in ``layout``'s schema (no per-token Python loops); the
-    top-k columns named in ``position_rows`` hold one binary row per position, the others
-    one binary value per record (see ``RecordLayout.arrow_schema``)."""
-    block.validate(layout)
-    schema = layout.arrow_schema(position_rows=position_rows)
-    types = {f.name: f.type for f in schema}
+def base_columns(block: RecordBlock, layout: RecordLayout, types: dict[str, pa.DataType]) -> dict[str, pa.Array]:
+    """The identity, token and context columns, as every format stores them."""
     tok = block.token_offsets - block.token_offsets[0]
-    lab = block.label_offsets
-    id_t = pa.from_numpy_dtype(layout.id_type)
     columns: dict[str, pa.Array] = {
         "record_id": pa.array(block.record_id, pa.uint64()),
         "doc_key": pa.array(block.doc_key.tolist(), pa.string()),
         "lang": pa.array(block.lang.tolist(), pa.string()).dictionary_encode(),
-        "input_ids": _list_array(tok, pa.array(block.input_ids, pa.uint32()), types["input_ids"]),
+        "input_ids": list_array(tok, pa.array(block.input_ids, pa.uint32()), types["input_ids"]),
     }
     if layout.is_token_level:
         columns["context_length"] = pa.array(block.context_length, pa.uint32())
-    if layout.has_topk:
-        for name in ("topk_ids", "topk_logprobs"):
-            rows = getattr(block, name)
-            columns[name] = (_list_array(lab, _binary_rows(rows, types[name].value_type), types[name])
-                             if name in position_rows else _record_rows(rows, lab))
-    if layout.has_samples:
-        s_off = block.sample_offsets - block.sample_offsets[0]
-        counts_t = pa.from_numpy_dtype(SAMPLE_COUNT_TYPE)
-        for name, values in (("sample_ids", pa.array(block.sample_ids, id_t)),
-                             ("sample_counts", pa.array(block.sample_counts, counts_t))):
-            per_position = _list_array(s_off, values, types[name].value_type)
-            columns[name] = _list_array(lab, per_position, types[name])
-    if layout.entropy and layout.is_token_level:
-        columns["entropy"] = _list_array(lab, pa.array(block.entropy.astype(np.float16), pa.float16()),
-                                         types["entropy"])
-    if layout.target_logprob and layout.is_token_level:
-        values = pa.array(block.target_logprob.astype(np.float16), pa.float16())
-        columns["target_logprob"] = _list_array(lab, values, types["target_logprob"])
+    return columns
+
+
+def per_position_columns(block: RecordBlock, layout: RecordLayout,
+                         types: dict[str, pa.DataType]) -> dict[str, pa.Array]:
+    """Entropy, target log-prob and class columns, as every format stores them."""
+    lab = block.label_offsets
+    columns: dict[str, pa.Array] = {}
+    for name in ("entropy", "target_logprob"):
+        if name in types:
+            values = pa.array(getattr(block, name).astype(np.float16), pa.float16())
+            columns[name] = list_array(lab, values, types[name])
     if layout.kind == "sequence_probs":
-        columns["class_logprobs"] = _fixed_rows(block.class_logprobs, types["class_logprobs"])
+        values = pa.array(block.class_logprobs.reshape(-1), types["class_logprobs"].value_type)
+        columns["class_logprobs"] = pa.FixedSizeListArray.from_arrays(values, type=types["class_logprobs"])
         columns["label"] = pa.array(block.label, pa.int32())
+    return columns
+
+
+def block_to_table(block: RecordBlock, layout: RecordLayout) -> pa.Table:
+    """The format 4 Arrow table of ``block`` (see ``RecordLayout.arrow_schema``), with no
+    per-token Python loops."""
+    block.validate(layout)
+    schema = layout.arrow_schema()
+    types = {f.name: f.type for f in schema}
+    lab = block.label_offsets
+    columns = base_columns(block, layout, types)
+    if layout.has_topk:
+        columns["topk_ids"] = record_rows(encode_id_rows(block.topk_ids), lab)
+        columns["topk_logprobs"] = record_rows(to_planes(block.topk_logprobs), lab)
+    if layout.has_samples:
+        draws, drawn = sample_draw_rows(block, layout.samples)
+        columns["sample_ids"] = record_rows(encode_id_rows(draws), _drawn_offsets(drawn, lab))
+        undrawn = np.flatnonzero(~drawn)
+        per_record = np.searchsorted(undrawn, lab)  # undrawn positions before each record
+        local = (undrawn - np.repeat(lab[:-1], np.diff(per_record))).astype(np.uint32)
+        columns["undrawn_positions"] = list_array(per_record, pa.array(local, pa.uint32()),
+                                                  types["undrawn_positions"])
+    columns.update(per_position_columns(block, layout, types))
     return pa.Table.from_arrays([columns[f.name] for f in schema], schema=schema)
 
 
-def _whole(column: pa.ChunkedArray | pa.Array) -> pa.Array:
+def _drawn_offsets(drawn: np.ndarray, label_offsets: np.ndarray) -> np.ndarray:
+    """Offsets of each record's drawn positions among all drawn positions."""
+    before = np.zeros(len(drawn) + 1, dtype=np.int64)
+    np.cumsum(drawn, out=before[1:])
+    return before[label_offsets]
+
+
+def sample_draw_rows(block: RecordBlock, samples: int) -> tuple[np.ndarray, np.ndarray]:
+    """(``[D, samples]`` ascending draws of the D positions with draws, ``[P]`` has-draws mask)
+    from the block's unique ids and counts."""
+    drawn = draws_per_position(block) > 0
+    draws = np.repeat(block.sample_ids, block.sample_counts.astype(np.int64)).reshape(-1, samples)
+    return draws, drawn
+
+
+def draws_per_position(block: RecordBlock) -> np.ndarray:
+    """``[P]`` int64: the sum of each position's sample counts."""
+    s_off = block.sample_offsets - block.sample_offsets[0]
+    position = np.repeat(np.arange(len(s_off) - 1), np.diff(s_off))
+    return np.bincount(position, weights=block.sample_counts, minlength=len(s_off) - 1).astype(np.int64)
+
+
+def _samples_from_draws(draws: np.ndarray, drawn: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(sample_offsets [P+1], unique ids, counts) from ascending ``[D, s]`` draws: run lengths."""
+    d, s = draws.shape
+    first = np.ones((d, s), dtype=bool)
+    if s > 1:
+        np.not_equal(draws[:, 1:], draws[:, :-1], out=first[:, 1:])
+    starts = np.flatnonzero(first.reshape(-1))
+    ids = draws.reshape(-1)[starts]
+    counts = np.diff(np.append(starts, d * s)).astype(np.uint16)
+    per_position = np.zeros(len(drawn), dtype=np.int64)
+    per_position[drawn] = first.sum(axis=1)
+    offsets = np.zeros(len(drawn) + 1, dtype=np.int64)
+    np.cumsum(per_position, out=offsets[1:])
+    return offsets, ids, counts
+
+
+def whole(column: pa.ChunkedArray | pa.Array) -> pa.Array:
     """One array of a column; combine_chunks copies even a single chunk, so avoid it then."""
     if not isinstance(column, pa.ChunkedArray):
         return column
     return column.chunk(0) if column.num_chunks == 1 else column.combine_chunks()
 
 
-def _flat(column: pa.ChunkedArray | pa.Array) -> tuple[np.ndarray, pa.Array]:
+def flat(column: pa.ChunkedArray | pa.Array) -> tuple[np.ndarray, pa.Array]:
     """(zero-based int64 offsets, flattened child values) of a list column."""
-    arr = _whole(column)
+    arr = whole(column)
     offsets = np.asarray(arr.offsets, dtype=np.int64)
     return offsets - offsets[0], arr.flatten()
 
 
-def _numpy(arr: pa.Array) -> np.ndarray:
+def to_numpy(arr: pa.Array) -> np.ndarray:
     return arr.to_numpy(zero_copy_only=False)
 
 
-def _topk_rows(column: pa.ChunkedArray, name: str, dtype: np.dtype | str, k: int,
-               label_offsets: np.ndarray) -> np.ndarray:
-    """A top-k column as a ``[P, k]`` array, viewed in place where its form allows: one
-    binary value per record (format 3), one fixed-size binary per position (format 2, and
-    format 3's byte-stream-split columns), or ``fixed_size_list`` rows (format 1)."""
-    dtype = _little_endian(dtype)
-    row_bytes = k * dtype.itemsize
-    arr = _whole(column)
-    if pa.types.is_large_binary(arr.type):
-        return _record_rows_view(arr, name, dtype, k, label_offsets)
-    _, rows = _flat(arr)
-    if not pa.types.is_fixed_size_binary(rows.type):
-        return _numpy(rows.flatten()).reshape(-1, k)
-    if rows.type.byte_width != row_bytes:
-        raise CacheFormatError(
-            f"top-k rows of {rows.type.byte_width} bytes, but the layout says {k} x {dtype.name} "
-            f"({row_bytes} bytes)"
-        )
-    if len(rows) == 0:
-        return np.empty((0, k), dtype=dtype)
-    data = rows.buffers()[1]
-    start, size = rows.offset * rows.type.byte_width, len(rows) * rows.type.byte_width
-    if data is None or data.size < start + size:
-        raise CacheFormatError(f"top-k column holds fewer bytes than its {len(rows)} rows need")
-    return np.frombuffer(data, dtype=dtype, count=len(rows) * k, offset=start).reshape(-1, k)
+def read_base_columns(table: pa.Table, layout: RecordLayout) -> RecordBlock:
+    tok, ids = flat(table.column("input_ids"))
+    lang = whole(table.column("lang"))
+    if isinstance(lang.type, pa.DictionaryType):
+        lang = lang.dictionary_decode()
+    block = RecordBlock(
+        record_id=to_numpy(whole(table.column("record_id"))),
+        doc_key=np.asarray(table.column("doc_key").to_pylist(), dtype=object),
+        lang=np.asarray(lang.to_pylist(), dtype=object),
+        token_offsets=tok,
+        input_ids=to_numpy(ids),
+    )
+    if layout.is_token_level:
+        block.context_length = to_numpy(whole(table.column("context_length")))
+    return block
 
 
-def _record_rows_view(arr: pa.Array, name: str, dtype: np.dtype, k: int, label_offsets: np.ndarray) -> np.ndarray:
-    """The ``[P, k]`` rows of a column of one binary value per record, after checking that
-    each value holds exactly its record's labelled positions."""
-    row_bytes = k * dtype.itemsize
-    offsets_buffer, data = arr.buffers()[1], arr.buffers()[2]
-    offsets = np.frombuffer(offsets_buffer, dtype="<i8", count=len(arr) + 1, offset=arr.offset * 8)
-    need = np.diff(np.asarray(label_offsets, dtype=np.int64)) * row_bytes  # the same table's records
-    wrong = np.flatnonzero(np.diff(offsets) != need)
-    if wrong.size:
-        bad = int(wrong[0])
-        raise CacheFormatError(
-            f"{name} of record {bad} holds {int(offsets[bad + 1] - offsets[bad])} bytes, but its "
-            f"{int(need[bad] // row_bytes)} labelled positions need {int(need[bad])} "
-            f"({k} x {dtype.name} per position)"
-        )
-    positions = int(need.sum()) // row_bytes
-    if positions == 0:
-        return np.empty((0, k), dtype=dtype)
-    if data is None or data.size < int(offsets[-1]):
-        raise CacheFormatError(f"{name} holds fewer bytes than its {len(arr)} records need")
-    return np.frombuffer(data, dtype=dtype, count=positions * k, offset=int(offsets[0])).reshape(-1, k)
+def read_per_position_columns(table: pa.Table, layout: RecordLayout, block: RecordBlock) -> None:
+    if layout.entropy and layout.is_token_level:
+        block.entropy = to_numpy(flat(table.column("entropy"))[1])
+    if layout.target_logprob and layout.is_token_level:
+        block.target_logprob = to_numpy(flat(table.column("target_logprob"))[1])
+    if layout.kind == "sequence_probs":
+        rows = whole(table.column("class_logprobs"))
+        block.class_logprobs = to_numpy(rows.flatten()).reshape(-1, layout.num_classes)
+        block.label = to_numpy(whole(table.column("label")))
 
 
 def table_to_block(table: pa.Table, layout: RecordLayout) -> RecordBlock:
@@ -356,39 +415,33 @@ def table_to_block(table: pa.Table, layout: RecordLayout) -> RecordBlock:
     missing = [n for n in expected.names if n not in table.column_names]
     if missing:
         raise CacheFormatError(f"shard lacks column(s) {', '.join(missing)} required by its layout")
-    tok, ids = _flat(table.column("input_ids"))
-    lang = _whole(table.column("lang"))
-    if isinstance(lang.type, pa.DictionaryType):
-        lang = lang.dictionary_decode()
-    block = RecordBlock(
-        record_id=_numpy(_whole(table.column("record_id"))),
-        doc_key=np.asarray(table.column("doc_key").to_pylist(), dtype=object),
-        lang=np.asarray(lang.to_pylist(), dtype=object),
-        token_offsets=tok,
-        input_ids=_numpy(ids),
-    )
-    if layout.is_token_level:
-        block.context_length = _numpy(_whole(table.column("context_length")))
+    for name in ("topk_ids", "topk_logprobs", "sample_ids"):
+        if name in expected.names and not pa.types.is_large_binary(table.schema.field(name).type):
+            raise CacheFormatError(f"column {name!r} is {table.schema.field(name).type}, format 4 stores "
+                                   "large_binary: the shard is of an older format")
+    block = read_base_columns(table, layout)
+    lab = block.label_offsets
+    id_dtype = np.dtype(layout.id_type)
     if layout.has_topk:
-        label_offsets = block.label_offsets
-        for name, dtype in layout.topk_dtypes.items():
-            setattr(block, name, _topk_rows(table.column(name), name, dtype, layout.k, label_offsets))
+        k = layout.k
+        ids = record_rows_view(whole(table.column("topk_ids")), "topk_ids", id_dtype.itemsize * k, lab)
+        block.topk_ids = decode_id_rows(ids, id_dtype, k)
+        value_dtype = layout.value_storage_dtype
+        values = record_rows_view(whole(table.column("topk_logprobs")), "topk_logprobs", value_dtype.itemsize * k, lab)
+        block.topk_logprobs = from_planes(values, value_dtype, k)
     if layout.has_samples:
-        _, per_pos = _flat(table.column("sample_ids"))
-        s_off, sids = _flat(per_pos)
-        _, per_pos_c = _flat(table.column("sample_counts"))
-        _, counts = _flat(per_pos_c)
-        block.sample_offsets, block.sample_ids, block.sample_counts = s_off, _numpy(sids), _numpy(counts)
-    if layout.entropy and layout.is_token_level:
-        _, ent = _flat(table.column("entropy"))
-        block.entropy = _numpy(ent)
-    if layout.target_logprob and layout.is_token_level:
-        _, target = _flat(table.column("target_logprob"))
-        block.target_logprob = _numpy(target)
-    if layout.kind == "sequence_probs":
-        rows = _whole(table.column("class_logprobs"))
-        block.class_logprobs = _numpy(rows.flatten()).reshape(-1, layout.num_classes)
-        block.label = _numpy(_whole(table.column("label")))
+        undrawn_offsets, undrawn = flat(table.column("undrawn_positions"))
+        drawn = np.ones(int(lab[-1]), dtype=bool)
+        local = to_numpy(undrawn).astype(np.int64)
+        position = local + np.repeat(lab[:-1], np.diff(undrawn_offsets))
+        if local.size and (local.min() < 0 or (position >= np.repeat(lab[1:], np.diff(undrawn_offsets))).any()):
+            raise CacheFormatError("undrawn_positions names a position outside its record")
+        drawn[position] = False
+        raw = record_rows_view(whole(table.column("sample_ids")), "sample_ids",
+                               id_dtype.itemsize * layout.samples, _drawn_offsets(drawn, lab))
+        draws = decode_id_rows(raw, id_dtype, layout.samples)
+        block.sample_offsets, block.sample_ids, block.sample_counts = _samples_from_draws(draws, drawn)
+    read_per_position_columns(table, layout, block)
     return block
 
 

@@ -126,9 +126,10 @@ def _example_in_block(block: RecordBlock, layout: RecordLayout, entry: ShardEntr
         "next_token_id": int(block.input_ids[start + position + 1]) if start + position + 1 < stop else None,
     }
     if layout.has_topk:
-        ids = block.topk_ids[row].tolist()
-        probs = [round(float(p), _DIGITS) for p in np.exp(block.decoded_topk_logprobs(layout)[row])]
-        example["topk_ids"] = [int(i) for i in ids]
+        logprobs = block.decoded_topk_logprobs(layout)[row]
+        rank = np.argsort(-logprobs, kind="stable")  # stored in id order; shown by rank
+        probs = [round(float(p), _DIGITS) for p in np.exp(logprobs[rank])]
+        example["topk_ids"] = [int(i) for i in block.topk_ids[row][rank]]
         example["topk_probs"] = probs
         example["tail_mass"] = round(1.0 - sum(probs), _DIGITS)
     if layout.has_samples:

@@ -1,7 +1,8 @@
 """Value codecs: how top-k log-probabilities become bytes, and back.
 
-Each codec is a pair of pure functions over ``[n, k]`` arrays of log-probabilities sorted
-in descending order along the last axis (the order top-k produces). The log-probabilities
+Each codec is a pair of pure, elementwise functions over ``[n, k]`` arrays of
+log-probabilities, in any order (format 4 stores them in the ascending order of their ids;
+see ``row_planes``). The log-probabilities
 are always normalised over the teacher's FULL vocabulary, so whatever the codec, the tail
 mass ``1 - sum(exp(logprobs))`` of a decoded row stays meaningful.
 
@@ -9,16 +10,15 @@ mass ``1 - sum(exp(logprobs))`` of a decoded row stays meaningful.
     Lossless.
 ``float16``
     Half precision; relative error <= 2**-11 (about 0.05%) for log-probs >= -65504,
-    written with Parquet's BYTE_STREAM_SPLIT encoding, which helps zstd on floats.
+    written in byte planes (``row_planes``), which helps zstd on floats.
 ``q8``
-    One byte per value. A log-prob ``lp`` is quantized to the level
+    One byte per value. A log-prob ``lp`` is stored as the level
     ``q = clip(round(-lp / STEP), 0, 255)`` with ``STEP = 1/16`` nat, so
     ``|decoded - lp| <= STEP / 2 = 1/32`` for ``lp >= -255 * STEP = -15.9375``
     (a relative probability error of at most 3.2%). Smaller log-probs are stored as
-    -15.9375: their probability (< 1.2e-7 each) is off by less than 1.2e-7.
-    The byte stored is the difference to the previous level in the row, modulo 256. For
-    sorted rows these differences are small and compress several-fold under zstd; the
-    modulo makes the transform exact for rows in any order.
+    -15.9375: their probability (< 1.2e-7 each) is off by less than 1.2e-7. Decoding is
+    ``-q / 16``. (Caches before format 4 stored, in rank order, the difference of each
+    level to the previous one modulo 256; ``legacy_formats`` turns those back into levels.)
 
     Caveat: rounding to the nearest level can raise each probability by up to 3.2%, so a
     row whose true tail mass is smaller than that may decode to top-k probabilities summing
@@ -64,37 +64,12 @@ Q8_LEVELS = 256
 
 
 def _encode_q8(values: np.ndarray) -> np.ndarray:
-    levels = np.clip(np.rint(-values / Q8_STEP), 0, Q8_LEVELS - 1).astype(np.uint8)
-    if levels.ndim == 0 or levels.shape[-1] == 0:
-        return levels
-    deltas = np.empty_like(levels)
-    deltas[..., 0] = levels[..., 0]
-    np.subtract(levels[..., 1:], levels[..., :-1], out=deltas[..., 1:])  # wraps modulo 256
-    return deltas
-
-
-#: rows per pass of q8's running sum: 4096 x k levels (256 KiB at k = 64) stay in the CPU
-#: cache across the k column passes, instead of streaming a whole shard k times
-_Q8_CHUNK_ROWS = 4096
+    return np.clip(np.rint(-values / Q8_STEP), 0, Q8_LEVELS - 1).astype(np.uint8)
 
 
 def _decode_q8(stored: np.ndarray) -> np.ndarray:
-    stored = np.asarray(stored, dtype=np.uint8)
-    out = np.empty(stored.shape, dtype=np.float32)
-    if stored.ndim == 0 or stored.shape[-1] == 0:
-        np.multiply(stored, np.float32(-Q8_STEP), out=out, casting="unsafe")
-        return out
-    k = stored.shape[-1]
-    rows_in, rows_out = stored.reshape(-1, k), out.reshape(-1, k)
-    scratch = np.empty((min(_Q8_CHUNK_ROWS, len(rows_in)), k), dtype=np.uint8)
-    for start in range(0, len(rows_in), _Q8_CHUNK_ROWS):
-        levels = scratch[:len(rows_in[start:start + _Q8_CHUNK_ROWS])]
-        np.copyto(levels, rows_in[start:start + _Q8_CHUNK_ROWS])
-        # a running sum column by column (wrapping modulo 256) undoes the deltas; over k
-        # columns this is faster than np.cumsum along the last, contiguous axis
-        for j in range(1, k):
-            np.add(levels[:, j - 1], levels[:, j], out=levels[:, j])
-        np.multiply(levels, np.float32(-Q8_STEP), out=rows_out[start:start + len(levels)], casting="unsafe")
+    out = np.empty(np.shape(stored), dtype=np.float32)
+    np.multiply(np.asarray(stored, dtype=np.uint8), np.float32(-Q8_STEP), out=out, casting="unsafe")
     return out
 
 

@@ -33,6 +33,7 @@ from typing import Any
 import numpy as np
 
 from logitcache.storage_schemas.layout import RecordLayout
+from logitcache.storage_schemas.legacy_formats import LEGACY_MAJORS, legacy_arrow_schema
 from logitcache.storage_schemas.location import CacheLocation
 from logitcache.storage_schemas.manifest import (
     INCOMPLETE_DIR,
@@ -41,7 +42,7 @@ from logitcache.storage_schemas.manifest import (
     Manifest,
     ShardEntry,
 )
-from logitcache.storage_schemas.parquet_backend import position_row_columns
+from logitcache.storage_schemas.parquet_backend import SHARD_FORMAT, shard_format
 from logitcache.storage_schemas.value_codecs import get_value_codec
 
 
@@ -188,12 +189,12 @@ def _check_structure(location: CacheLocation, backend, manifest: Manifest, entry
     layout = manifest.layout
     schema = backend.arrow_schema(location, entry.path)
     if schema is not None:
-        expected = layout.arrow_schema(
-            position_rows=position_row_columns(layout, str(manifest.storage.get("compression", "zstd"))))
-        # shards of formats 1 and 2 (kept when a build added newer shards to the cache) are still read
-        older = (layout.arrow_schema(position_rows=layout.topk_dtypes),
-                 layout.arrow_schema(format_1=True))
-        if not any(schema.equals(form, check_metadata=False) for form in (expected, *older)):
+        expected = layout.arrow_schema()
+        # shards of formats 1 to 3 (kept when a build added newer shards to the cache) are still read
+        older = [legacy_arrow_schema(layout, major, per_position=split)
+                 for major in LEGACY_MAJORS for split in _old_split_forms(layout)]
+        forms = [expected] if shard_format(schema) == SHARD_FORMAT else older
+        if not any(schema.equals(form, check_metadata=False) for form in forms):
             problems.append(f"schema differs from the layout's: {_schema_diff(schema, expected)}")
     metadata = backend.read_metadata(location, entry.path)
     stored_layout = metadata.get("layout")
@@ -223,6 +224,12 @@ def _check_structure(location: CacheLocation, backend, manifest: Manifest, entry
     if blocks != entry.blocks:
         problems.append(f"holds {blocks:,} blocks, the manifest says {entry.blocks:,}")
     return problems
+
+
+def _old_split_forms(layout: RecordLayout) -> list[frozenset[str]]:
+    """Format 3 kept a row per position for the top-k columns of 4-byte elements when compressed."""
+    wide = frozenset(name for name, dtype in layout.topk_dtypes.items() if dtype.itemsize >= 4)
+    return [frozenset(), wide] if wide else [frozenset()]
 
 
 def _short(fp: str | None) -> str:

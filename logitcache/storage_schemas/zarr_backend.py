@@ -62,6 +62,7 @@ from zarr.core.sync import sync as zarr_sync
 
 from logitcache.errors import CacheFormatError
 from logitcache.storage_schemas.layout import SAMPLE_COUNT_TYPE, RecordLayout
+from logitcache.storage_schemas.legacy_formats import to_format_4
 from logitcache.storage_schemas.location import CacheLocation
 from logitcache.storage_schemas.mapped_store import MappedLocalStore
 from logitcache.storage_schemas.records import RecordBlock, block_cuts
@@ -69,7 +70,10 @@ from logitcache.storage_schemas.storage_settings import StorageSettings
 
 ATTRS_KEY = "logitcache"
 FORMAT_NAME = "logitcache-zarr-shard"
-FORMAT_VERSION = 1
+#: 2: top-k rows in ascending id order, q8 values as levels (format 4 of the cache); 1: rank
+#: order, q8 as differences of levels, read through ``legacy_formats.to_format_4``.
+FORMAT_VERSION = 2
+READABLE_VERSIONS = (1, 2)
 
 #: What a corrupt or incomplete store can make zarr, numcodecs or numpy raise while reading.
 _READ_ERRORS = (OSError, ValueError, KeyError, IndexError, RuntimeError)
@@ -241,9 +245,10 @@ async def _open_shard(location: CacheLocation, rel: str, names: list[str]) -> _S
     if not isinstance(attrs, dict) or attrs.get("format") != FORMAT_NAME:
         raise CacheFormatError(f"{where}: not a logitcache Zarr shard (no {ATTRS_KEY!r} group attributes)")
     version = attrs.get("format_version")
-    if version != FORMAT_VERSION:
+    if version not in READABLE_VERSIONS:
         raise CacheFormatError(
-            f"{where}: Zarr shard format version {version!r}; this logitcache reads version {FORMAT_VERSION}"
+            f"{where}: Zarr shard format version {version!r}; this logitcache reads versions "
+            f"{', '.join(map(str, READABLE_VERSIONS))}"
         )
 
     async def array(name: str) -> zarr.AsyncArray:
@@ -310,7 +315,7 @@ async def _read_records(shard: _Shard, layout: RecordLayout, start: int, stop: i
     )
     if layout.has_samples:
         block.sample_offsets, block.sample_ids, block.sample_counts = per_token["samples"]
-    return _checked(block, layout, where)
+    return _checked(block, layout, shard)
 
 
 async def _read_samples(shard: _Shard, p0: int, p1: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -320,7 +325,11 @@ async def _read_samples(shard: _Shard, p0: int, p1: int) -> tuple[np.ndarray, np
     return smp - s0, ids, counts
 
 
-def _checked(block: RecordBlock, layout: RecordLayout, where: str) -> RecordBlock:
+def _checked(block: RecordBlock, layout: RecordLayout, shard: _Shard) -> RecordBlock:
+    """The block in format 4's terms (a version 1 shard's rows re-ordered), validated."""
+    where = shard.where
+    if shard.attrs.get("format_version") != FORMAT_VERSION:
+        block = to_format_4(block, layout)
     try:
         block.validate(layout)
     except CacheFormatError as exc:

@@ -1,9 +1,8 @@
-"""Format 3 Parquet shards (top-k as one binary value per record, or per position where
-Parquet splits them into byte streams) and the shards of formats 1 and 2 that are still read.
+"""Format 4 Parquet shards, and the shards of formats 1 to 3 (and Zarr version 1) still read.
 
-Older shards are made here the way those formats wrote them: the same file metadata, with
-the top-k columns as ``list<fixed_size_list<type, k>>`` and nullable list items (format 1),
-or as one fixed-size binary per position (format 2).
+Older shards are made here the way those formats wrote them (``legacy_formats.legacy_table``:
+rank order, q8 as level differences, their schemas), with the same file metadata minus the
+``shard_format`` key that format 4 added.
 """
 
 from __future__ import annotations
@@ -16,9 +15,17 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+import zarr
 
 from logitcache.errors import CacheFormatError
 from logitcache.storage_schemas.layout import KINDS, RecordLayout
+from logitcache.storage_schemas.legacy_formats import (
+    LEGACY_MAJORS,
+    legacy_table,
+    legacy_table_to_block,
+    to_format_3,
+    to_format_4,
+)
 from logitcache.storage_schemas.manifest import FORMAT_VERSION, READABLE_MAJORS
 from logitcache.storage_schemas.records import RecordBlock, block_to_table, table_to_block
 from logitcache.storage_schemas.shard_reader import CacheReader
@@ -26,36 +33,18 @@ from logitcache.storage_schemas.shard_writer import ShardWriter
 from logitcache.storage_schemas.verify import verify_cache
 from tests.factories import make_block, make_layout, make_template
 
-
-def format_1_table(block: RecordBlock, layout: RecordLayout) -> pa.Table:
-    """``block`` as a format 1 Parquet shard held it."""
-    table = block_to_table(block, layout)
-    schema = layout.arrow_schema(format_1=True)
-    columns = []
-    for field in schema:
-        if field.name in ("topk_ids", "topk_logprobs"):
-            rows = getattr(block, field.name)
-            per_position = pa.FixedSizeListArray.from_arrays(pa.array(rows.reshape(-1)), layout.k)
-            offsets = pa.array(block.label_offsets.astype(np.int32))
-            columns.append(pa.ListArray.from_arrays(offsets, per_position))
-        else:
-            columns.append(table.column(field.name).cast(field.type))
-    return pa.Table.from_arrays(columns, schema=schema)
-
-
-def format_2_table(block: RecordBlock, layout: RecordLayout) -> pa.Table:
-    """``block`` as a format 2 Parquet shard held it: every top-k column a row per position."""
-    return block_to_table(block, layout, position_rows=layout.topk_dtypes)
+WIDE = frozenset({"topk_ids", "topk_logprobs"})  # format 3 kept these per position when split
 
 
 def rewrite_in_format(cache: Path, layout: RecordLayout, blocks: list[RecordBlock], major: int) -> None:
-    """Turn every shard of a Parquet cache into a shard of format ``major`` (1 or 2) and mark
-    the cache ``major``.0."""
+    """Turn every shard of a Parquet cache into a shard of format ``major`` and mark the
+    cache ``major``.0."""
     manifest = json.loads((cache / "manifest.json").read_text())
     for entry, block in zip(manifest["shards"], blocks, strict=True):
         path = cache / entry["path"]
-        metadata = pq.read_schema(path).metadata
-        table = (format_1_table if major == 1 else format_2_table)(block, layout)
+        metadata = dict(pq.read_schema(path).metadata)
+        del metadata[b"logitcache.shard_format"]
+        table = legacy_table(block, layout, major)
         pq.write_table(table.replace_schema_metadata(metadata), path, row_group_size=max(block.num_records, 1))
         data = path.read_bytes()
         entry.update(bytes=len(data), sha256=hashlib.sha256(data).hexdigest(), blocks=1)
@@ -65,42 +54,40 @@ def rewrite_in_format(cache: Path, layout: RecordLayout, blocks: list[RecordBloc
 
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("codec", ["float32", "float16", "q8"])
-def test_a_format_1_table_reads_as_the_same_block(kind, codec):
-    layout = make_layout(kind, value_codec=codec, vocab_size=70_000)  # uint32 ids
-    block = make_block(layout, records=9)
-    assert table_to_block(format_1_table(block, layout), layout).equals(block)
-
-
-@pytest.mark.parametrize("kind", KINDS)
-@pytest.mark.parametrize("codec", ["float32", "float16", "q8"])
-def test_a_format_2_table_reads_as_the_same_block(kind, codec):
+@pytest.mark.parametrize(("major", "per_position"), [(1, frozenset()), (2, frozenset()), (3, frozenset()),
+                                                     (3, WIDE)])
+def test_an_older_table_reads_as_the_same_format_4_block(kind, codec, major, per_position):
     layout = make_layout(kind, value_codec=codec, vocab_size=70_000)
     block = make_block(layout, records=9)
-    table = format_2_table(block, layout)
-    if layout.has_topk:
-        assert pa.types.is_fixed_size_binary(table.schema.field("topk_ids").type.value_type)
-    assert table_to_block(table, layout).equals(block)
+    table = legacy_table(block, layout, major, per_position=per_position)
+    assert legacy_table_to_block(table, layout).equals(block)
 
 
-def test_top_k_rows_decode_without_logitcache(tmp_path):
-    # the field metadata's promise: k little-endian values of the id (or storage) type per
-    # row, one value per record (its positions' rows) or one per position
+@pytest.mark.parametrize("codec", ["float16", "q8"])
+def test_the_old_rank_order_is_descending_and_q8_old_values_are_differences(codec):
+    layout = make_layout("token_topk", k=6, value_codec=codec)
+    block = make_block(layout, records=5)
+    old = to_format_3(block, layout)
+    decoded = np.cumsum(old.topk_logprobs, axis=1, dtype=np.uint8) if codec == "q8" else old.topk_logprobs
+    lp = decoded.astype(np.float32) * (-1 / 16 if codec == "q8" else 1)
+    assert (np.diff(lp, axis=1) <= 0).all()
+    assert to_format_4(old, layout).equals(block)
+
+
+def test_format_4_rows_decode_without_logitcache(tmp_path):
+    # the field metadata's promise: per record, rows of k values in byte planes; ids as gaps
     layout = make_layout("token_topk", k=5, value_codec="float16", vocab_size=50_000)
     block = make_block(layout, records=6)
-    pq.write_table(block_to_table(block, layout, position_rows={"topk_logprobs"}), tmp_path / "s.parquet")
+    pq.write_table(block_to_table(block, layout), tmp_path / "s.parquet")
     table = pq.read_table(tmp_path / "s.parquet")
-    field = table.schema.field("topk_ids")
-    assert field.metadata[b"logitcache.row"] == b"5 x little-endian uint16"
-    assert field.metadata[b"logitcache.value"] == b"the record's rows, one per labelled position"
     per_record = table.column("topk_ids").to_pylist()
     assert [len(v) for v in per_record] == (np.diff(block.label_offsets) * 5 * 2).tolist()
-    ids = np.frombuffer(b"".join(per_record), dtype="<u2").reshape(-1, 5)
+    planes = np.frombuffer(b"".join(per_record), np.uint8).reshape(-1, 2, 5).astype(np.uint16)
+    ids = np.cumsum(planes[:, 0] | planes[:, 1] << 8, axis=1, dtype=np.uint16)
     np.testing.assert_array_equal(ids, block.topk_ids)
-    values_field = table.schema.field("topk_logprobs")
-    assert values_field.metadata[b"logitcache.value"] == b"one row per labelled position"
-    values = table.column("topk_logprobs").combine_chunks().flatten()
-    stored = np.frombuffer(b"".join(values.to_pylist()), dtype="<f2").reshape(-1, 5)
-    np.testing.assert_array_equal(stored, block.topk_logprobs)
+    raw = np.frombuffer(b"".join(table.column("topk_logprobs").to_pylist()), np.uint8).reshape(-1, 2, 5)
+    values = np.ascontiguousarray(raw.transpose(0, 2, 1)).view("<f2")[..., 0]
+    np.testing.assert_array_equal(values, block.topk_logprobs)
 
 
 def test_top_k_rows_of_another_width_are_a_format_error():
@@ -108,10 +95,10 @@ def test_top_k_rows_of_another_width_are_a_format_error():
     block = make_block(layout)
     wider = make_layout("token_topk", k=5)
     with pytest.raises(CacheFormatError, match="top-k rows of 8 bytes, but the layout says 5 x uint16"):
-        table_to_block(format_2_table(block, layout), wider)
+        legacy_table_to_block(legacy_table(block, layout, 2), wider)
     positions = int(np.diff(block.label_offsets)[0])
     with pytest.raises(CacheFormatError, match=f"topk_ids of record 0 holds {positions * 8} bytes, but its "
-                                                f"{positions} labelled positions need {positions * 10}"):
+                                                f"{positions} rows need {positions * 10}"):
         table_to_block(block_to_table(block, layout), wider)
 
 
@@ -127,6 +114,13 @@ def test_a_record_value_of_the_wrong_length_is_a_format_error():
         table_to_block(table, layout)
 
 
+def test_an_older_table_read_as_format_4_is_a_format_error():
+    layout = make_layout("token_topk", vocab_size=70_000)
+    table = legacy_table(make_block(layout), layout, 2)
+    with pytest.raises(CacheFormatError, match="format 4 stores large_binary: the shard is of an older format"):
+        table_to_block(table, layout)
+
+
 def _build(root: Path, layout: RecordLayout, units: int) -> list[RecordBlock]:
     writer = ShardWriter(str(root), template=make_template(layout))
     blocks = [make_block(layout, records=5, seed=i, first_record=10 * i) for i in range(units)]
@@ -135,7 +129,7 @@ def _build(root: Path, layout: RecordLayout, units: int) -> list[RecordBlock]:
     return blocks
 
 
-@pytest.mark.parametrize("major", [1, 2])
+@pytest.mark.parametrize("major", LEGACY_MAJORS)
 @pytest.mark.parametrize("kind", ["token_topk", "token_topk_sampled"])
 def test_an_older_format_cache_is_read_and_verified(tmp_path, kind, major):
     layout = make_layout(kind, value_codec="q8")
@@ -149,8 +143,8 @@ def test_an_older_format_cache_is_read_and_verified(tmp_path, kind, major):
     assert report.ok, report.to_text()
 
 
-@pytest.mark.parametrize("major", [1, 2])
-def test_adding_to_an_older_format_cache_writes_format_3_and_marks_the_cache(tmp_path, major):
+@pytest.mark.parametrize("major", LEGACY_MAJORS)
+def test_adding_to_an_older_format_cache_writes_format_4_and_marks_the_cache(tmp_path, major):
     layout = make_layout("token_topk", value_codec="q8")
     blocks = _build(tmp_path / "c", layout, units=2)
     rewrite_in_format(tmp_path / "c", layout, blocks, major)
@@ -160,20 +154,21 @@ def test_adding_to_an_older_format_cache_writes_format_3_and_marks_the_cache(tmp
     added = make_block(layout, records=4, seed=9, first_record=90)
     writer.commit(added, unit_id="u00002")
     reader = CacheReader(str(tmp_path / "c"))
-    assert reader.manifest.format_version == FORMAT_VERSION == "3.0"
-    schemas = [pq.read_schema(tmp_path / "c" / e.path).field("topk_ids").type for e in reader.shards]
-    assert [pa.types.is_large_binary(t) for t in schemas] == [False, False, True]
+    assert reader.manifest.format_version == FORMAT_VERSION == "4.0"
+    formats = [(pq.read_schema(tmp_path / "c" / e.path).metadata or {}).get(b"logitcache.shard_format")
+               for e in reader.shards]
+    assert formats == [None, None, b"4"]
     for entry, block in zip(reader.shards, [*blocks, added], strict=True):
         assert reader.read_shard(entry, verify=True).equals(block)
     assert verify_cache(str(tmp_path / "c"), deep=True).ok
 
 
-def test_a_shard_of_neither_format_is_a_schema_problem(tmp_path):
+def test_a_shard_of_no_format_is_a_schema_problem(tmp_path):
     layout = make_layout("token_topk", value_codec="q8")
     blocks = _build(tmp_path / "c", layout, units=1)
     path = tmp_path / "c" / CacheReader(str(tmp_path / "c")).shards[0].path
     metadata = pq.read_schema(path).metadata
-    table = format_1_table(blocks[0], layout)
+    table = block_to_table(blocks[0], layout)
     flattened = table.set_column(  # ids as a flat list per record: no format ever wrote this
         table.schema.get_field_index("topk_ids"), "topk_ids",
         pa.ListArray.from_arrays(pa.array((blocks[0].label_offsets * layout.k).astype(np.int32)),
@@ -193,26 +188,33 @@ def test_a_major_version_older_than_any_read_is_refused(tmp_path):
         CacheReader(str(tmp_path / "c"))
 
 
-@pytest.mark.parametrize(("vocab_size", "codec", "compression", "split"), [
-    (70_000, "q8", "zstd", {"topk_ids"}),  # uint32 ids: their high bytes compress away once split
-    (70_000, "float32", "zstd", {"topk_ids", "topk_logprobs"}),
-    (70_000, "float32", "lz4", {"topk_ids", "topk_logprobs"}),  # any compression, same rule
-    (1_000, "float16", "zstd", set()),  # 2-byte elements: splitting made them larger
-    (70_000, "float32", "none", set()),  # nothing to gain without compression
-])
-def test_top_k_rows_are_split_into_byte_streams_where_it_pays(tmp_path, vocab_size, codec, compression, split):
-    layout = make_layout("token_topk", value_codec=codec, vocab_size=vocab_size)
+@pytest.mark.parametrize("codec", ["float16", "q8"])
+def test_a_zarr_version_1_shard_is_read_in_id_order(tmp_path, codec):
+    layout = make_layout("token_topk_sampled", value_codec=codec)
+    writer = ShardWriter(str(tmp_path / "c"), template=make_template(layout, backend="zarr"))
+    block = make_block(layout, records=6)
+    entry = writer.commit(block, unit_id="u0")
+    old = to_format_3(block, layout)
+    group = zarr.open_group(str(tmp_path / "c" / entry.path), mode="r+")
+    group["topk_ids"][...] = old.topk_ids
+    group["topk_logprobs"][...] = old.topk_logprobs
+    attrs = dict(group.attrs["logitcache"])
+    group.attrs["logitcache"] = {**attrs, "format_version": 1}
+    back = CacheReader(str(tmp_path / "c")).read_shard(entry)
+    assert back.equals(block)
+
+
+@pytest.mark.parametrize("vocab_size", [1_000, 70_000])
+@pytest.mark.parametrize("compression", ["zstd", "lz4", "none"])
+def test_no_soft_label_column_is_split_by_parquet(tmp_path, vocab_size, compression):
+    # the planes are the column's own; Parquet's byte stream split is for nothing a
+    # FIXED_LEN_BYTE_ARRAY reader might not know
+    layout = make_layout("token_topk_sampled", value_codec="float32", vocab_size=vocab_size, target_logprob=True)
     writer = ShardWriter(str(tmp_path / "c"), template=make_template(layout, storage={"compression": compression}))
     entry = writer.commit(make_block(layout), unit_id="u0")
     columns = pq.ParquetFile(tmp_path / "c" / entry.path).metadata.row_group(0)
-    encodings = {columns.column(i).path_in_schema.split(".")[0]: columns.column(i).encodings
-                 for i in range(columns.num_columns)}
-    assert {name for name in ("topk_ids", "topk_logprobs") if "BYTE_STREAM_SPLIT" in encodings[name]} == split
-    # a split column keeps a row per position (byte streams need fixed-size values); the
-    # others hold one value per record
-    schema = pq.read_schema(tmp_path / "c" / entry.path)
-    assert {name for name in ("topk_ids", "topk_logprobs") if pa.types.is_list(schema.field(name).type)} == split
-    assert {name for name in ("topk_ids", "topk_logprobs")
-            if pa.types.is_large_binary(schema.field(name).type)} == {"topk_ids", "topk_logprobs"} - split
+    split = [columns.column(i).path_in_schema for i in range(columns.num_columns)
+             if "BYTE_STREAM_SPLIT" in columns.column(i).encodings]
+    assert split == []
     assert CacheReader(str(tmp_path / "c")).read_shard(entry, verify=True).equals(make_block(layout))
     assert verify_cache(str(tmp_path / "c"), deep=True).ok

@@ -17,32 +17,71 @@ from tests.factories import make_block, make_layout
 
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("codec", ["float32", "float16", "q8"])
-@pytest.mark.parametrize("position_rows", [(), ("topk_ids",), ("topk_ids", "topk_logprobs")])
-def test_arrow_round_trip(kind, codec, position_rows):
-    layout = make_layout(kind, value_codec=codec)
-    position_rows = position_rows if layout.has_topk else ()
+@pytest.mark.parametrize("vocab_size", [200, 1000, 70_000])  # uint8, uint16 and uint32 ids
+def test_arrow_round_trip(kind, codec, vocab_size):
+    layout = make_layout(kind, value_codec=codec, vocab_size=vocab_size)
     block = make_block(layout, records=9)
-    table = block_to_table(block, layout, position_rows=position_rows)
-    assert table.schema.equals(layout.arrow_schema(position_rows=position_rows))
+    table = block_to_table(block, layout)
+    assert table.schema.equals(layout.arrow_schema())
     assert table_to_block(table, layout).equals(block)
 
 
-@pytest.mark.parametrize("position_rows", [(), ("topk_ids", "topk_logprobs")])
-def test_arrow_round_trip_of_a_slice(position_rows):
+def test_arrow_round_trip_of_a_slice():
     # a sliced table has non-zero list and binary offsets: reading must rebase them
     layout = make_layout("token_topk_sampled")
     block = make_block(layout, records=10)
-    table = block_to_table(block, layout, position_rows=position_rows)
+    table = block_to_table(block, layout)
     assert table_to_block(table.slice(3, 4), layout).equals(block.take_records(3, 7))
 
 
-def test_a_top_k_record_value_is_a_view_of_the_column():
-    # the point of one value per record: reading the rows is no copy
+@pytest.mark.parametrize("vocab_size", [200, 1000, 70_000])
+def test_soft_label_columns_have_one_physical_type_whatever_the_vocabulary(vocab_size):
+    for kind in ("token_topk", "token_topk_sampled"):
+        for codec in ("float32", "float16", "q8"):
+            schema = make_layout(kind, value_codec=codec, vocab_size=vocab_size).arrow_schema()
+            for name in ("topk_ids", "topk_logprobs"):
+                assert schema.field(name).type == pa.large_binary()
+    schema = make_layout("token_sampled", vocab_size=vocab_size).arrow_schema()
+    assert schema.field("sample_ids").type == pa.large_binary()
+    assert schema.field("undrawn_positions").type == pa.list_(pa.field("element", pa.uint32(), nullable=False))
+
+
+def test_positions_without_draws_round_trip():
+    layout = make_layout("token_topk_sampled", samples=5)
+    block = make_block(layout, records=30, seed=3)
+    undrawn = np.diff(block.sample_offsets) == 0
+    assert undrawn.any() and not undrawn.all()
+    table = block_to_table(block, layout)
+    listed = sum(len(v) for v in table.column("undrawn_positions").to_pylist())
+    assert listed == int(undrawn.sum())
+    assert table_to_block(table, layout).equals(block)
+
+
+def test_top_k_rows_out_of_id_order_are_refused():
     layout = make_layout("token_topk", k=4)
-    table = block_to_table(make_block(layout, records=6), layout)
-    block = table_to_block(table, layout)
-    data = table.column("topk_ids").chunk(0).buffers()[2]
-    assert block.topk_ids.ctypes.data == data.address
+    block = make_block(layout, records=3)
+    block.topk_ids[1] = block.topk_ids[1][::-1].copy()
+    with pytest.raises(CacheFormatError, match="ascending order"):
+        block_to_table(block, layout)
+
+
+def test_draws_that_do_not_sum_to_samples_are_refused():
+    layout = make_layout("token_sampled", samples=6)
+    block = make_block(layout, records=3)
+    block.sample_counts = block.sample_counts.copy()
+    block.sample_counts[0] += 1
+    with pytest.raises(CacheFormatError, match="summing to 6"):
+        block_to_table(block, layout)
+
+
+def test_an_undrawn_position_outside_its_record_is_a_format_error():
+    layout = make_layout("token_topk_sampled")
+    block = make_block(layout, records=4)
+    table = block_to_table(block, layout)
+    wrong = pa.array([[10_000]] + [[] for _ in range(3)], table.schema.field("undrawn_positions").type)
+    table = table.set_column(table.schema.get_field_index("undrawn_positions"), "undrawn_positions", wrong)
+    with pytest.raises(CacheFormatError, match="outside its record"):
+        table_to_block(table, layout)
 
 
 def test_take_and_concat_are_inverse():
@@ -87,9 +126,10 @@ def test_lang_counts():
 
 @settings(max_examples=30, deadline=None)
 @given(kind=st.sampled_from(KINDS), codec=st.sampled_from(["float32", "float16", "q8"]),
-       records=st.integers(0, 12), seed=st.integers(0, 10_000))
-def test_arrow_round_trip_property(kind, codec, records, seed):
-    layout = make_layout(kind, value_codec=codec)
+       records=st.integers(0, 12), seed=st.integers(0, 10_000),
+       vocab_size=st.sampled_from([60, 256, 257, 65_536, 65_537, 1 << 20]))
+def test_arrow_round_trip_property(kind, codec, records, seed, vocab_size):
+    layout = make_layout(kind, value_codec=codec, vocab_size=vocab_size)
     block = make_block(layout, records=records, seed=seed)
     assert table_to_block(block_to_table(block, layout), layout).equals(block)
 
@@ -103,22 +143,13 @@ def test_layout_errors_are_clear():
         RecordLayout(kind="token_sampled", id_type="uint8", vocab_size=10)
 
 
-def test_layout_schema_types():
+def test_layout_schema_metadata_says_how_to_decode():
     layout = make_layout("token_topk", k=8, value_codec="q8", vocab_size=150_000)
     schema = layout.arrow_schema()
-    # format 3: one binary value per record (its positions' rows)
-    assert schema.field("topk_ids").type == pa.large_binary()
-    assert schema.field("topk_logprobs").type == pa.large_binary()
-    # or one fixed-size binary per position (8 uint32 ids; 8 one-byte q8 values)
-    per_position = layout.arrow_schema(position_rows={"topk_ids", "topk_logprobs"})
-    assert per_position.field("topk_ids").type.value_type == pa.binary(32)
-    assert per_position.field("topk_logprobs").type.value_type == pa.binary(8)
-    assert not per_position.field("topk_ids").type.value_field.nullable
-    with pytest.raises(ValueError, match="position_rows names no top-k column: entropy"):
-        layout.arrow_schema(position_rows={"entropy"})
-    legacy = layout.arrow_schema(format_1=True)
-    assert legacy.field("topk_ids").type == pa.list_(pa.list_(pa.uint32(), 8))
-    assert legacy.field("topk_logprobs").type == pa.list_(pa.list_(pa.uint8(), 8))
+    ids = schema.field("topk_ids").metadata
+    assert ids[b"logitcache.rows"] == b"8 x uint32 ids per position, ascending, as gaps"
+    assert ids[b"logitcache.row_bytes"] == b"4 byte planes (lowest byte first) per row"
+    assert schema.field("topk_logprobs").metadata[b"logitcache.row_bytes"] == b"one byte plane per row"
     assert RecordLayout.from_dict(layout.to_dict()) == layout
 
 

@@ -126,8 +126,9 @@ def test_wide_vocabulary_ids_round_trip(tmp_path):
     layout = make_layout("token_topk_sampled", k=2, vocab_size=1 << 20)
     assert layout.id_type == "uint32"
     block = make_block(layout, records=3)
-    block.topk_ids[0] = [(1 << 20) - 1, 70_000]
-    block.sample_ids[0] = (1 << 20) - 1
+    block.topk_ids[0] = [70_000, (1 << 20) - 1]
+    position = int(np.flatnonzero(np.diff(block.sample_offsets) > 0)[0])
+    block.sample_ids[block.sample_offsets[position + 1] - 1] = (1 << 20) - 1  # its largest id
     location = CacheLocation(tmp_path)
     write(location, block, layout)
     back = ZarrBackend().read(location, REL, layout)

@@ -12,8 +12,8 @@ be split off).
 What is computed per position (``logp`` = float32 ``log_softmax`` over the FULL vocabulary)
 
 ``topk``
-    ``torch.topk(logp, k, sorted=True)``: ids by descending log-probability and their
-    log-probabilities. Because they are normalised over the full vocabulary, the tail mass
+    ``torch.topk(logp, k)``'s ids and log-probabilities, each row re-ordered by ascending
+    id (the order format 4 stores; the rank order is the values' order). Because they are normalised over the full vocabulary, the tail mass
     ``1 - sum(exp(topk_logprobs))`` is exact up to float32 rounding.
 ``sampled``
     ``samples`` draws *with replacement* from ``softmax``; stored per position as the unique
@@ -344,8 +344,9 @@ def _label_chunk(logp: Tensor, start: int, end: int, spec: SoftLabelSpec, out: _
     topk_ids = None
     if spec.has_topk:
         assert out.topk_ids is not None and out.topk_logprobs is not None
-        values, topk_ids = torch.topk(logp, spec.k, dim=-1, largest=True, sorted=True)
-        out.topk_logprobs[start:end] = values
+        values, topk_ids = torch.topk(logp, spec.k, dim=-1, largest=True, sorted=False)
+        topk_ids, order = topk_ids.sort(dim=-1)  # the cache stores each row in id order
+        out.topk_logprobs[start:end] = values.gather(-1, order)
         out.topk_ids[start:end] = topk_ids
     if spec.entropy:
         assert out.entropy is not None

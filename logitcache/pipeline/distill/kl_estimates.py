@@ -21,7 +21,9 @@ KL
     ``sd_p(log q) / sqrt(P n)`` (scaled by ``r`` for a hybrid cache). Without ``H`` the KL
     cannot be estimated from draws.
 Top-1 agreement
-    Exact where the cache has a top-k head (its first id is the teacher's argmax). For a
+    Exact where the cache has a top-k head: the student agrees when its argmax is the id of
+    the head's largest stored value (the cache stores a row in id order; where the value
+    codec stored several ids with that same value, any of them counts). For a
     pure sampled cache the teacher's argmax is estimated by the most-drawn id (ties go to
     the smallest id); with few draws on a flat distribution that id is often not the
     argmax, so the agreement is an estimate, biased towards the student's agreement with a
@@ -35,7 +37,7 @@ from torch import Tensor
 from logitcache.pipeline.distill.losses import SparseTargets, sparse_divergence
 from logitcache.storage_schemas.layout import RecordLayout
 
-__all__ = ["estimated_kl", "most_drawn", "token_metric_kinds"]
+__all__ = ["estimated_kl", "most_drawn", "top1_agreement", "token_metric_kinds"]
 
 ENTROPY_HINT = ("KL unavailable: the cache stores no teacher entropy, which the estimate from draws "
                 "needs; rebuild it with soft_labels.entropy: true")
@@ -45,6 +47,14 @@ def estimated_kl(student_logits: Tensor, targets: SparseTargets, entropy: Tensor
     """Per-position ``CE_est - H`` ``[P]`` (see the module docstring); ``targets`` of a sampled kind."""
     ce = sparse_divergence(student_logits, targets, kind="soft_ce")
     return ce - entropy.to(device=ce.device, dtype=ce.dtype)
+
+
+def top1_agreement(student_top: Tensor, topk_ids: Tensor, topk_logprobs: Tensor) -> Tensor:
+    """``[P]`` float: 1 where the student's argmax is the teacher's, i.e. one of the ids whose
+    stored log-probability is the row's largest (ids tied there are equally the teacher's
+    top-1 as far as the value codec can tell), else 0."""
+    best = topk_logprobs == topk_logprobs.max(dim=-1, keepdim=True).values
+    return ((topk_ids.long() == student_top.long().unsqueeze(-1)) & best).any(dim=-1).float()
 
 
 def most_drawn(sample_ids: Tensor, sample_counts: Tensor) -> Tensor:

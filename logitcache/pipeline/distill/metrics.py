@@ -37,7 +37,12 @@ from typing import Any
 import numpy as np
 import torch
 
-from logitcache.pipeline.distill.kl_estimates import estimated_kl, most_drawn, token_metric_kinds
+from logitcache.pipeline.distill.kl_estimates import (
+    estimated_kl,
+    most_drawn,
+    token_metric_kinds,
+    top1_agreement,
+)
 from logitcache.pipeline.distill.losses import IGNORE_INDEX, SparseTargets, sparse_divergence
 
 __all__ = ["ClassificationMetrics", "LanguageMetrics", "token_metric_kinds", "token_metrics"]
@@ -101,7 +106,7 @@ def token_metrics(
     targets = SparseTargets(kind="token_topk", topk_ids=ids,
                             topk_logprobs=topk_logprobs.to(device=device, dtype=torch.float32))
     kl = sparse_divergence(logits, targets, kind="forward_kl", tail="bucket")
-    top1 = (logits.argmax(1) == ids[:, 0]).float()
+    top1 = top1_agreement(logits.argmax(1), ids, targets.topk_logprobs)
     return {"ce": ce, "kl": kl, "top1": top1}
 
 
@@ -128,8 +133,10 @@ def _sampled_metrics(logits: torch.Tensor, *, topk_ids: torch.Tensor | None, top
         kl = sparse_divergence(logits, bucket, kind="forward_kl", tail="bucket")
     else:
         kl = torch.full((n,), math.nan, dtype=torch.float32, device=device)
-    teacher_top = targets.topk_ids[:, 0] if head else most_drawn(targets.sample_ids, targets.sample_counts)
-    return {"kl": kl, "top1": (logits.argmax(1) == teacher_top).float()}
+    student_top = logits.argmax(1)
+    top1 = (top1_agreement(student_top, targets.topk_ids, targets.topk_logprobs) if head
+            else (student_top == most_drawn(targets.sample_ids, targets.sample_counts)).float())
+    return {"kl": kl, "top1": top1}
 
 
 def _group(langs: Sequence[str] | np.ndarray, n: int | None = None) -> tuple[list[str], np.ndarray]:

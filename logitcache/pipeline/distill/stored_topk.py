@@ -72,9 +72,8 @@ def decode_values(stored: Tensor, value_codec: str) -> Tensor:
 
 def decode_values_torch(stored: Tensor, value_codec: str) -> Tensor:
     """:func:`decode_values`' arithmetic off the CPU, in torch wherever the tensor is."""
-    if value_codec == "q8":  # deltas of levels modulo 256 along k: a wrapped running sum
-        levels = torch.cumsum(stored, dim=-1, dtype=torch.int32).bitwise_and_(0xFF)
-        return levels.to(torch.float32).mul_(-Q8_STEP)
+    if value_codec == "q8":  # levels of 1/16 nat below zero
+        return stored.to(torch.float32).mul_(-Q8_STEP)
     return stored.to(torch.float32, copy=True)  # float32 values too: never an alias of ``stored``
 
 

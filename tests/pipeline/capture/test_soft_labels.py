@@ -23,6 +23,8 @@ from logitcache.pipeline.capture.soft_labels import (
 def dense_reference(logits: torch.Tensor, k: int) -> dict[str, torch.Tensor]:
     logp = torch.log_softmax(logits.float(), dim=-1)
     values, ids = torch.topk(logp, k, dim=-1, sorted=True)
+    ids, order = ids.sort(dim=-1)  # as the cache stores them: each row in id order
+    values = values.gather(-1, order)
     logp64 = logp.double()
     p64 = logp64.exp()
     entropy = -torch.where(p64 > 0, p64 * logp64, torch.zeros_like(p64)).sum(-1)

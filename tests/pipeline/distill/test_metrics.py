@@ -30,7 +30,8 @@ def teacher_topk(n: int, v: int, k: int, seed: int) -> tuple[torch.Tensor, torch
     g = torch.Generator().manual_seed(seed)
     logp = torch.log_softmax(2.0 * torch.randn(n, v, generator=g), dim=-1)
     values, ids = torch.topk(logp, k, dim=-1, sorted=True)
-    return logp, ids, values
+    ids, order = ids.sort(dim=-1)  # as the cache stores them: each row in id order
+    return logp, ids, values.gather(-1, order)
 
 
 def student(n: int, v: int, seed: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
@@ -93,7 +94,9 @@ def test_ce_top1_and_missing_targets() -> None:
     has = targets != IGNORE_INDEX
     torch.testing.assert_close(out["ce"][has], reference[has])
     assert torch.isnan(out["ce"][~has]).all()
-    expected_top1 = (logits.float().argmax(-1) == ids[:, 0]).float()
+    teacher_argmax = ids.gather(1, values.argmax(-1, keepdim=True)).squeeze(1)  # no ties in float32
+    assert not torch.equal(teacher_argmax, ids[:, 0])  # id order: the first id is not the argmax
+    expected_top1 = (logits.float().argmax(-1) == teacher_argmax).float()
     torch.testing.assert_close(out["top1"], expected_top1)
     assert 0 < expected_top1.sum() < n  # the seeds give both hits and misses
 
@@ -264,3 +267,16 @@ def test_kl_is_the_loss_bucket_forward_kl_and_the_dense_coarse_grained_kl(k: int
     loss_kl32 = sparse_divergence(z.float(), SparseTargets(kind="token_topk", topk_ids=ids,
                                                             topk_logprobs=values.float()), kind="forward_kl")
     assert torch.equal(metric_kl, loss_kl32)  # one function: the same float32 values bit for bit
+
+
+def test_top1_counts_any_id_tied_at_the_top_of_a_quantised_row():
+    # q8 stores two near-equal leaders as the same level: either is the teacher's top-1
+    ids = torch.tensor([[3, 5, 9], [3, 5, 9]])
+    values = torch.tensor([[-0.5, -0.5, -3.0], [-0.5, -0.4, -3.0]])
+    logits = torch.full((2, 10), -5.0)
+    logits[:, 5] = 0.0  # the student picks id 5 at both positions
+    out = token_metrics(logits, topk_ids=ids, topk_logprobs=values, hard_targets=torch.tensor([5, 5]))
+    assert out["top1"].tolist() == [1.0, 1.0]
+    logits[:, 5], logits[:, 3] = -5.0, 0.0  # now id 3: tied with the top at the first position only
+    out = token_metrics(logits, topk_ids=ids, topk_logprobs=values, hard_targets=torch.tensor([5, 5]))
+    assert out["top1"].tolist() == [1.0, 0.0]
