@@ -61,7 +61,7 @@ import shutil  # noqa: E402
 import sys  # noqa: E402
 import tempfile  # noqa: E402
 import time  # noqa: E402
-from dataclasses import dataclass, fields  # noqa: E402
+from dataclasses import dataclass, fields, replace  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import numcodecs  # noqa: E402
@@ -365,7 +365,7 @@ def compression_sweep(records: SyntheticRecords, vocab: int, k: int, codecs: tup
             template.storage = {**template.storage, "compression": compression}
             writer = ShardWriter(str(cache), template=template)
             if level is not None:
-                writer.storage.compression_level = level
+                writer.storage = replace(writer.storage, compression_level=level)  # frozen settings
             entry = writer.commit(block, unit_id="u00000")
             reader = CacheReader(str(cache))
             read = _best(lambda reader=reader, entry=entry: reader.read_shard(entry), repeats)
