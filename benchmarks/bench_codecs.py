@@ -2,7 +2,7 @@
 
 For vocabularies of 32k and 150k ids, k in {8, 32, 64, 128}, every value codec
 (``value_codec_names()``) and both shard backends (parquet, zarr), on synthetic top-k
-labels from ``synthetic_topk.py``, this measures:
+labels from ``synthetic_topk.py`` (the "synthetic grid"), this measures:
 
 - **bytes/token**: the committed shard's bytes (every column, Parquet footer or Zarr
   metadata included) per labelled position; split into top-k ids, top-k values and the
@@ -34,6 +34,27 @@ information content of the ids: the empirical entropy of the pooled id histogram
 entropy floor", what a coder of independent ids cannot beat), and the exact entropy of
 the generator's ordered top-k rows (what no lossless coder can beat on this data).
 
+The synthetic ids have none of the structure of a real teacher's top-k sets (neighbouring
+positions share many ids, sets cluster on frequent tokens), so the same measurements run on
+**real teacher outputs** too: ``--cache PATH`` (repeatable) takes the first ``--tokens``
+labelled positions (whole records, manifest order) of an existing cache of any token-level
+kind, as ``CacheReader.iter_blocks`` reads them, and writes them again with ``ShardWriter``
+into a temporary cache, exactly as the grid does: a top-k cache through every value codec,
+both backends and the compressions zstd, lz4 and none; a sampled or hybrid cache (top-k head
+plus draws) through both backends and the three compressions in its own value codec. Each
+setting reports bytes per labelled position (total, and top-k ids, top-k values, the sample
+columns and the rest, by column name), write and read tokens/s per core as above, and the
+error and KL of the decoded values against the source's stored values decoded to float32
+(a real error only when the source was float32 or float16; a q8 source's reference already
+carries q8's error). The top-k ids and the rows' order are kept as the source stores them,
+and the values are re-encoded with the codec's ``encode`` of their float32 decode. For
+each source with top-k ids the report adds what explains their size: the mean number of a
+position's top-k ids that the previous position of the same record also has, and the
+empirical entropy of the pooled id histogram. ``--demo-cache`` builds (or finds under
+``--tmp-dir``) two caches of ``logitcache run``'s demo teacher on the shipped multilingual
+corpus, stage one of the embedded default job with top-64 float16 and with 16 draws per
+position, and measures them like ``--cache``; ``--real-only`` skips the synthetic grid.
+
 Throughput is per core: the process pins itself to one CPU (``sched_setaffinity``) and
 caps every thread pool at one thread (``OMP_NUM_THREADS=1`` and friends, set below before
 numpy is imported; ``pa.set_cpu_count(1)`` and ``pa.set_io_thread_count(1)`` for Arrow;
@@ -44,7 +65,8 @@ best repetition is reported.
 
 Usage::
 
-    python benchmarks/bench_codecs.py [--tokens N] [--quick] [--out FILE.md]
+    python benchmarks/bench_codecs.py [--tokens N] [--quick] [--repeats N] [--out FILE.md]
+        [--cache PATH ...] [--demo-cache] [--real-only] [--tmp-dir DIR]
 """
 
 from __future__ import annotations
@@ -61,7 +83,7 @@ import shutil  # noqa: E402
 import sys  # noqa: E402
 import tempfile  # noqa: E402
 import time  # noqa: E402
-from dataclasses import dataclass, fields  # noqa: E402
+from dataclasses import dataclass, fields, replace  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import numcodecs  # noqa: E402
@@ -78,7 +100,7 @@ from synthetic_topk import (  # noqa: E402
 )
 
 import logitcache  # noqa: E402
-from logitcache.config import StorageConfig, config_to_dict  # noqa: E402
+from logitcache.config import StorageConfig, config_to_dict, load_config  # noqa: E402
 from logitcache.storage_schemas.id_codec import id_type_for_vocab  # noqa: E402
 from logitcache.storage_schemas.layout import RecordLayout  # noqa: E402
 from logitcache.storage_schemas.manifest import Manifest, ShardEntry  # noqa: E402
@@ -90,12 +112,19 @@ from logitcache.storage_schemas.value_codecs import get_value_codec, value_codec
 VOCABS = (32_000, 150_000)
 KS = (8, 32, 64, 128)
 BACKENDS = ("parquet", "zarr")
+COMPRESSIONS = ("zstd", "lz4", "none")  # of the real-label settings (``storage.compression``)
 DEFAULT_TOKENS = 131_072
 QUICK_TOKENS = 4_096
 BREAKDOWN = (32_000, 64)  # (vocab, k) of the read-time breakdown
 BREAKDOWN_CODECS = ("float16", "q8")
 TARGET_BYTES_K64 = 80.0
 TARGET_DECODE_TOKENS_S = 3e6
+DEMO_DIR = "bench_codecs-demo"  # under --tmp-dir: the demo teacher and its caches, kept between runs
+#: the demo caches of --demo-cache: name -> overrides of the default job's soft labels
+DEMO_LABELS = {
+    "topk-64": ("soft_labels.mode=topk", "soft_labels.k=64", "soft_labels.values=float16"),
+    "sampled-16": ("soft_labels.mode=sampled", "soft_labels.samples=16"),
+}
 
 
 def pin_to_one_core() -> str:
@@ -118,10 +147,12 @@ class Row:
     vocab: int
     k: int
     backend: str
+    compression: str
     codec: str
     bytes_per_token: float
     id_bytes: float
     value_bytes: float
+    sample_bytes: float
     other_bytes: float
     write_tok_s: float
     read_tok_s: float
@@ -131,9 +162,10 @@ class Row:
     tail_lost: float  # fraction of positions with tail_hat == 0 < tail
 
 
-def make_template(layout: RecordLayout, backend: str) -> Manifest:
-    """A manifest template with no shards, as stage one makes one (default storage settings)."""
-    storage = config_to_dict(StorageConfig(backend=backend))
+def make_template(layout: RecordLayout, backend: str, compression: str = "zstd") -> Manifest:
+    """A manifest template with no shards, as stage one makes one (default storage settings
+    but ``compression``)."""
+    storage = config_to_dict(StorageConfig(backend=backend, compression=compression))
     return Manifest(
         layout=layout, backend=backend, storage=storage,
         teacher={"name_or_path": "synthetic-teacher", "revision": None, "dtype": "float32",
@@ -141,39 +173,77 @@ def make_template(layout: RecordLayout, backend: str) -> Manifest:
         tokenizer={"name_or_path": "synthetic-teacher", "fingerprint": "synthetic",
                    "vocab_size": layout.vocab_size},
         windows={"max_length": 512, "stride": 0},
-        soft_labels={"mode": "topk", "k": layout.k, "values": layout.value_codec},
-        fingerprint_fields={"soft_labels": {"k": layout.k, "values": layout.value_codec}},
+        soft_labels={"kind": layout.kind, "k": layout.k, "samples": layout.samples,
+                     "values": layout.value_codec},
+        fingerprint_fields={"soft_labels": {"k": layout.k, "samples": layout.samples,
+                                            "values": layout.value_codec}},
     )
+
+
+@dataclass
+class Source:
+    """Labels to store again: a block as its cache holds it, the cache's layout, and the block's
+    top-k log-probabilities decoded to float32 (None without top-k), the reference of the errors."""
+
+    name: str
+    block: RecordBlock
+    layout: RecordLayout
+    logprobs: np.ndarray | None
+
+
+def synthetic_source(records: SyntheticRecords, vocab: int) -> Source:
+    """The synthetic records as a float32 top-k source."""
+    layout = RecordLayout(kind="token_topk", id_type=id_type_for_vocab(vocab), vocab_size=vocab,
+                          k=records.topk_ids.shape[1], value_codec="float32")
+    block = RecordBlock(
+        record_id=records.record_id, doc_key=records.doc_key, lang=records.lang,
+        token_offsets=records.token_offsets, input_ids=records.input_ids,
+        context_length=records.context_length, topk_ids=records.topk_ids,
+        topk_logprobs=records.topk_logprobs,
+    )
+    return Source(name="synthetic", block=block, layout=layout, logprobs=records.topk_logprobs)
+
+
+def reencode(source: Source, layout: RecordLayout) -> RecordBlock:
+    """``source``'s block with its top-k ids in ``layout``'s id type (rows in the source's order)
+    and its float32 log-probs through ``layout``'s value codec; every other column as it is."""
+    if not layout.has_topk:
+        return source.block
+    return replace(source.block, topk_ids=source.block.topk_ids.astype(layout.id_type),
+                   topk_logprobs=get_value_codec(layout.value_codec).encode(source.logprobs))
 
 
 def encode_block(records: SyntheticRecords, layout: RecordLayout) -> RecordBlock:
-    codec = get_value_codec(layout.value_codec)
-    return RecordBlock(
-        record_id=records.record_id, doc_key=records.doc_key, lang=records.lang,
-        token_offsets=records.token_offsets, input_ids=records.input_ids,
-        context_length=records.context_length,
-        topk_ids=records.topk_ids.astype(layout.id_type),
-        topk_logprobs=codec.encode(records.topk_logprobs),
-    )
+    return reencode(synthetic_source(records, layout.vocab_size), layout)
 
 
-def column_bytes(cache: Path, entry: ShardEntry, backend: str) -> tuple[int, int]:
-    """(top-k id bytes, top-k value bytes) of a committed shard."""
+def parquet_column_bytes(path: Path) -> dict[str, int]:
+    """Compressed bytes of each top-level column of a Parquet file, over all row groups."""
+    meta = pq.ParquetFile(path).metadata
+    sizes: dict[str, int] = {}
+    for g in range(meta.num_row_groups):
+        for c in range(meta.num_columns):
+            col = meta.row_group(g).column(c)
+            top = col.path_in_schema.split(".")[0]
+            sizes[top] = sizes.get(top, 0) + col.total_compressed_size
+    return sizes
+
+
+def column_bytes(cache: Path, entry: ShardEntry, backend: str) -> dict[str, int]:
+    """Bytes of each column (Parquet) or array directory (Zarr) of a committed shard, by name."""
     path = cache / entry.path
     if backend == "parquet":
-        meta = pq.ParquetFile(path).metadata
-        sizes = {"topk_ids": 0, "topk_logprobs": 0}
-        for g in range(meta.num_row_groups):
-            for c in range(meta.num_columns):
-                col = meta.row_group(g).column(c)
-                top = col.path_in_schema.split(".")[0]
-                if top in sizes:
-                    sizes[top] += col.total_compressed_size
-        return sizes["topk_ids"], sizes["topk_logprobs"]
-    return tuple(  # type: ignore[return-value]
-        sum(f.stat().st_size for f in (path / name).rglob("*") if f.is_file())
-        for name in ("topk_ids", "topk_logprobs")
-    )
+        return parquet_column_bytes(path)
+    return {array.name: sum(f.stat().st_size for f in array.rglob("*") if f.is_file())
+            for array in path.iterdir() if array.is_dir()}
+
+
+def split_bytes(sizes: dict[str, int], total: int) -> tuple[int, int, int, int]:
+    """(top-k ids, top-k values, sample columns, the rest) of a shard of ``total`` bytes whose
+    columns have ``sizes``; the rest is every other column and the file's own metadata."""
+    ids, values = sizes.get("topk_ids", 0), sizes.get("topk_logprobs", 0)
+    samples = sum(size for name, size in sizes.items() if name.startswith("sample_"))
+    return ids, values, samples, total - ids - values - samples
 
 
 def kl_stats(lp: np.ndarray, lp_hat: np.ndarray) -> tuple[float, float, float]:
@@ -191,53 +261,75 @@ def kl_stats(lp: np.ndarray, lp_hat: np.ndarray) -> tuple[float, float, float]:
             float(lost.mean()))
 
 
-def measure(records: SyntheticRecords, vocab: int, k: int, codec: str, backend: str,
-            workdir: Path, repeats: int) -> tuple[Row, np.ndarray]:
-    """One (vocab, k, codec, backend) cell; also returns the decoded log-probs."""
-    layout = RecordLayout(kind="token_topk", id_type=id_type_for_vocab(vocab), vocab_size=vocab,
-                          k=k, value_codec=codec)
-    template = make_template(layout, backend)
-    tokens = records.num_tokens
-    write_s, cache, entry = float("inf"), None, None
-    for rep in range(repeats):
-        target = workdir / f"{backend}-{codec}-{k}-{rep}"
-        writer = ShardWriter(str(target), template=template)
-        started = time.perf_counter()
-        block = encode_block(records, layout)
-        new_entry = writer.commit(block, unit_id="u00000")
-        elapsed = time.perf_counter() - started
-        if elapsed < write_s:
-            write_s = elapsed
-        if cache is None:
-            cache, entry = target, new_entry
-        else:
-            shutil.rmtree(target)
-    del block
+def timed_write(source: Source, template: Manifest, target: Path) -> tuple[float, ShardEntry, RecordBlock]:
+    """(seconds, entry, block written) of re-encoding ``source`` and committing it as one shard."""
+    writer = ShardWriter(str(target), template=template)
+    started = time.perf_counter()
+    block = reencode(source, template.layout)
+    entry = writer.commit(block, unit_id="u00000")
+    return time.perf_counter() - started, entry, block
+
+
+def timed_read(reader: CacheReader, entry: ShardEntry) -> tuple[float, float, RecordBlock, np.ndarray | None]:
+    """(seconds, share of them in the value decode, block, decoded top-k log-probs or None) of
+    reading one shard back to float32 numpy."""
+    started = time.perf_counter()
+    block = reader.read_shard(entry)
+    read_done = time.perf_counter()
+    decoded = block.decoded_topk_logprobs(reader.layout) if reader.layout.has_topk else None
+    elapsed = time.perf_counter() - started
+    return elapsed, (elapsed - (read_done - started)) / elapsed, block, decoded
+
+
+def measure(source: Source, codec: str, backend: str, workdir: Path, repeats: int,
+            compression: str = "zstd") -> tuple[Row, np.ndarray | None]:
+    """One (codec, backend, compression) setting of ``source``; also returns the decoded log-probs."""
+    layout = replace(source.layout, value_codec=codec)
+    template = make_template(layout, backend, compression)
+    setting = f"{source.name} {backend}/{compression}/{codec}/k={layout.k}"
+    cache = workdir / f"{backend}-{compression}-{codec}-{layout.k}"
+    write_s, entry, written = timed_write(source, template, cache)
+    for rep in range(1, repeats):
+        again = workdir / f"{backend}-{compression}-{codec}-{layout.k}-{rep}"
+        write_s = min(write_s, timed_write(source, template, again)[0])
+        shutil.rmtree(again)
     reader = CacheReader(str(cache))
-    read_s, decode_share, decoded = float("inf"), 0.0, None
-    for _ in range(repeats):
-        started = time.perf_counter()
-        block = reader.read_shard(entry)
-        read_done = time.perf_counter()
-        decoded = block.decoded_topk_logprobs(reader.layout)
-        elapsed = time.perf_counter() - started
-        if elapsed < read_s:
-            read_s, decode_share = elapsed, (elapsed - (read_done - started)) / elapsed
-    if not np.array_equal(block.topk_ids, records.topk_ids):
-        raise AssertionError(f"{backend}/{codec}/k={k}: ids did not survive the round trip")
-    if decoded.dtype != np.float32 or decoded.shape != (tokens, k):
-        raise AssertionError(f"{backend}/{codec}/k={k}: decoded {decoded.dtype} {decoded.shape}")
-    ids_b, values_b = column_bytes(cache, entry, backend)
-    max_err, mean_kl, lost = kl_stats(records.topk_logprobs, decoded)
+    read_s, decode_share, block, decoded = min((timed_read(reader, entry) for _ in range(repeats)),
+                                               key=lambda read: read[0])
+    if not block.equals(written):
+        raise AssertionError(f"{setting}: the labels did not survive the round trip")
+    if decoded is not None and (decoded.dtype != np.float32 or decoded.shape != source.logprobs.shape):
+        raise AssertionError(f"{setting}: decoded {decoded.dtype} {decoded.shape}")
+    positions = source.block.num_positions
+    ids_b, values_b, samples_b, other_b = split_bytes(column_bytes(cache, entry, backend), entry.bytes)
+    nan = float("nan")
+    max_err, mean_kl, lost = (nan, nan, nan) if decoded is None else kl_stats(source.logprobs, decoded)
     shutil.rmtree(cache)
     row = Row(
-        vocab=vocab, k=k, backend=backend, codec=codec,
-        bytes_per_token=entry.bytes / tokens, id_bytes=ids_b / tokens, value_bytes=values_b / tokens,
-        other_bytes=(entry.bytes - ids_b - values_b) / tokens,
-        write_tok_s=tokens / write_s, read_tok_s=tokens / read_s, decode_share=decode_share,
+        vocab=layout.vocab_size, k=layout.k, backend=backend, compression=compression, codec=codec,
+        bytes_per_token=entry.bytes / positions, id_bytes=ids_b / positions,
+        value_bytes=values_b / positions, sample_bytes=samples_b / positions,
+        other_bytes=other_b / positions, write_tok_s=positions / write_s, read_tok_s=positions / read_s,
+        decode_share=decode_share if layout.has_topk else nan,
         max_abs_err=max_err, mean_kl=mean_kl, tail_lost=lost,
     )
     return row, decoded
+
+
+def measure_codec(source: Source, codec: str, compressions: tuple[str, ...], workdir: Path,
+                  repeats: int) -> list[Row]:
+    """``source`` through one value codec on both backends and every compression of ``compressions``;
+    every setting must decode to the same float32 values."""
+    rows, decoded = [], []
+    for backend in BACKENDS:
+        for compression in compressions:
+            row, values = measure(source, codec, backend, workdir, repeats, compression)
+            rows.append(row)
+            decoded.append(values)
+            print(_progress(row), file=sys.stderr, flush=True)
+    if decoded[0] is not None and not all(np.array_equal(decoded[0], d) for d in decoded):
+        raise AssertionError(f"{source.name}: settings decode {codec} differently at k={source.layout.k}")
+    return rows
 
 
 def measure_naive(records: SyntheticRecords, vocab: int, k: int, workdir: Path,
@@ -268,20 +360,14 @@ def measure_naive(records: SyntheticRecords, vocab: int, k: int, workdir: Path,
         values = table.column("topk_logprobs").combine_chunks().flatten().flatten()
         decoded = values.to_numpy(zero_copy_only=False).reshape(-1, k).astype(np.float32)
         read_s = min(read_s, time.perf_counter() - started)
-    meta = pq.ParquetFile(path).metadata
-    sizes = {"topk_ids": 0, "topk_logprobs": 0}
-    for g in range(meta.num_row_groups):
-        for c in range(meta.num_columns):
-            col = meta.row_group(g).column(c)
-            sizes[col.path_in_schema.split(".")[0]] += col.total_compressed_size
     total = path.stat().st_size
+    ids_b, values_b, _, other_b = split_bytes(parquet_column_bytes(path), total)
     path.unlink()
     max_err, mean_kl, lost = kl_stats(records.topk_logprobs, decoded)
     return Row(
-        vocab=vocab, k=k, backend="naive parquet", codec="float16",
-        bytes_per_token=total / tokens, id_bytes=sizes["topk_ids"] / tokens,
-        value_bytes=sizes["topk_logprobs"] / tokens,
-        other_bytes=(total - sizes["topk_ids"] - sizes["topk_logprobs"]) / tokens,
+        vocab=vocab, k=k, backend="naive parquet", compression="zstd", codec="float16",
+        bytes_per_token=total / tokens, id_bytes=ids_b / tokens, value_bytes=values_b / tokens,
+        sample_bytes=0.0, other_bytes=other_b / tokens,
         write_tok_s=tokens / write_s, read_tok_s=tokens / read_s, decode_share=float("nan"),
         max_abs_err=max_err, mean_kl=mean_kl, tail_lost=lost,
     )
@@ -361,11 +447,9 @@ def compression_sweep(records: SyntheticRecords, vocab: int, k: int, codecs: tup
         block = encode_block(records, layout)
         for compression, level in COMPRESSION_SWEEP:
             cache = workdir / f"sweep-{codec}-{compression}-{level}"
-            template = make_template(layout, "parquet")
-            template.storage = {**template.storage, "compression": compression}
-            writer = ShardWriter(str(cache), template=template)
+            writer = ShardWriter(str(cache), template=make_template(layout, "parquet", compression))
             if level is not None:
-                writer.storage.compression_level = level
+                writer.storage = replace(writer.storage, compression_level=level)  # frozen settings
             entry = writer.commit(block, unit_id="u00000")
             reader = CacheReader(str(cache))
             read = _best(lambda reader=reader, entry=entry: reader.read_shard(entry), repeats)
@@ -373,6 +457,120 @@ def compression_sweep(records: SyntheticRecords, vocab: int, k: int, codecs: tup
             out.append({"codec": codec, "compression": compression, "level": "-" if level is None else str(level),
                         "bytes": entry.bytes / records.num_tokens, "read_ns": read / records.num_tokens * 1e9})
     return out
+
+
+# ---------------------------------------------------------------- real teacher outputs
+
+
+def read_source(url: str, max_positions: int) -> tuple[Source, Manifest]:
+    """The first ``max_positions`` labelled positions (whole records, at least one, manifest order)
+    of the cache at ``url``, and its manifest."""
+    reader = CacheReader(url)
+    blocks, positions = [], 0
+    for _entry, _index, block in reader.iter_blocks():
+        blocks.append(block)
+        positions += block.num_positions
+        if positions >= max_positions:
+            break
+    block = RecordBlock.concat(blocks)
+    records = max(1, int(np.searchsorted(block.label_offsets, max_positions, side="right")) - 1)
+    block = block.take_records(0, records) if records < block.num_records else block
+    logprobs = block.decoded_topk_logprobs(reader.layout) if reader.layout.has_topk else None
+    return Source(name=url, block=block, layout=reader.layout, logprobs=logprobs), reader.manifest
+
+
+def mean_entropy(block: RecordBlock, manifest: Manifest) -> str:
+    """The teacher's mean entropy per position: of the block's entropy column, else of the build
+    statistics the manifest keeps for the whole cache, else 'not stored'."""
+    if block.entropy is not None:
+        return f"{np.nanmean(block.entropy.astype(np.float64)):.2f} nats (entropy column)"
+    total = sum(sum(shard.stats.get("entropy_sum", {}).values()) for shard in manifest.shards)
+    counted = sum(sum(shard.stats.get("entropy_positions", {}).values()) for shard in manifest.shards)
+    if counted:
+        return f"{total / counted:.2f} nats (whole cache, the manifest's build statistics)"
+    return "not stored"
+
+
+def describe_source(source: Source, manifest: Manifest) -> str:
+    layout, block, teacher = source.layout, source.block, manifest.teacher
+    params = teacher.get("num_parameters")
+    labels = ", ".join(part for part in (
+        f"top-{layout.k}" if layout.has_topk else "",
+        f"{layout.samples} draws" if layout.has_samples else "",
+        f"values {layout.value_codec}" if layout.has_topk else "",
+    ) if part)
+    return (f"Teacher `{teacher.get('name_or_path')}` ({teacher.get('model_type', 'model')}"
+            f"{f', {params:,} parameters' if params else ''}), vocabulary {layout.vocab_size:,}; "
+            f"{layout.kind} ({labels}); {block.num_positions:,} labelled positions in "
+            f"{block.num_records:,} records (the cache has {manifest.total_positions:,}); mean "
+            f"teacher entropy {mean_entropy(block, manifest)}; stored as {manifest.backend}/"
+            f"{manifest.storage.get('compression', 'zstd')} at "
+            f"{manifest.total_bytes / max(manifest.total_positions, 1):.1f} B/position.")
+
+
+def shared_with_previous(ids: np.ndarray, label_offsets: np.ndarray) -> float:
+    """Mean number of a position's top-k ids that the previous position of the same record also
+    has (whatever the rows' order; top-k ids are distinct within a row)."""
+    positions = ids.shape[0]
+    width = int(ids.max()) + 1
+    rows = np.arange(positions, dtype=np.int64)[:, None]
+    here = (rows * width + ids).reshape(-1)  # position p's ids, keyed by p
+    as_previous = ((rows + 1) * width + ids).reshape(-1)  # position p's ids, keyed by p + 1
+    shared = np.isin(here, as_previous).reshape(ids.shape).sum(axis=1)
+    first = np.zeros(positions, dtype=bool)
+    first[label_offsets[:-1][label_offsets[:-1] < positions]] = True  # no previous position in its record
+    return float(shared[~first].mean()) if (~first).any() else float("nan")
+
+
+@dataclass
+class RealResult:
+    source: str
+    description: str
+    rows: list[Row]
+    structure: dict[str, float] | None  # sources with top-k ids: what explains their size
+
+
+def id_structure(source: Source, rows: list[Row]) -> dict[str, float]:
+    ids, k = source.block.topk_ids, source.layout.k
+    bits = marginal_entropy_bits(ids, source.layout.vocab_size)
+    return {"shared": shared_with_previous(ids, source.block.label_offsets), "k": k, "bits": bits,
+            "floor": k * bits / 8, "stored": min(r.id_bytes for r in rows),
+            "distinct": int(np.unique(ids).size)}
+
+
+def measure_source(url: str, max_positions: int, workdir: Path, repeats: int) -> RealResult:
+    """Every setting of one cache's labels: a top-k cache through every value codec, a sampled or
+    hybrid one in its own; both backends and every compression of COMPRESSIONS."""
+    source, manifest = read_source(url, max_positions)
+    codecs = value_codec_names() if source.layout.kind == "token_topk" else (source.layout.value_codec,)
+    rows = [row for codec in codecs for row in measure_codec(source, codec, COMPRESSIONS, workdir, repeats)]
+    return RealResult(source=url, description=describe_source(source, manifest), rows=rows,
+                      structure=id_structure(source, rows) if source.layout.has_topk else None)
+
+
+def demo_caches(root: Path) -> list[str]:
+    """Stage one of ``logitcache run``'s embedded default job under ``root``, once per
+    DEMO_LABELS setting: the demo teacher trained (or found) in ``root/teacher``, and its cache
+    built (or found complete) in ``root/cache-NAME``. Returns the caches' paths."""
+    import torch  # the stages need torch; the synthetic grid does not
+
+    from logitcache.pipeline.capture.demo_teacher import prepare_demo_teacher
+    from logitcache.stages.build_cache import build_cache
+    from logitcache.stages.run_job import default_job
+
+    torch.set_num_threads(os.cpu_count() or 1)  # OMP_NUM_THREADS=1 above is for the timed part only
+    teacher = root / "teacher"
+    caches = []
+    for name, overrides in DEMO_LABELS.items():
+        paths = (f"cache={root / f'cache-{name}'}", f"demo_teacher.output={teacher}", f"teacher.model={teacher}")
+        # stage one only: without students, whose settings would only add their warnings
+        cfg = load_config(None, [*paths, *overrides, "students=[]"], default=default_job())
+        trained = prepare_demo_teacher(cfg.demo_teacher, corpus=cfg.corpus,
+                                       held_out_fraction=cfg.eval.held_out_fraction, progress=False)
+        print(trained.to_text(), file=sys.stderr, flush=True)
+        print(build_cache(cfg, progress=False).to_text(), file=sys.stderr, flush=True)
+        caches.append(cfg.cache)
+    return caches
 
 
 # ---------------------------------------------------------------- report
@@ -402,16 +600,49 @@ def _fmt_err(x: float) -> str:
     return "0" if x == 0 else f"{x:.2e}"
 
 
-def render(rows: list[Row], floors: dict[tuple[int, int], tuple[float, float]],
-           breakdown: list[dict[str, float | str]], *, sweep: list[dict[str, float | str]], tokens: int,
-           repeats: int, command: str, pinned: str, seconds: float) -> str:
+def _measured_cells(r: Row, *, samples: bool = False) -> str:
+    """A row's measurements as table cells, from total bytes to tail lost."""
+    share = "-" if r.decode_share != r.decode_share else f"{100 * r.decode_share:.0f}"
+    lost = "-" if r.tail_lost != r.tail_lost else f"{100 * r.tail_lost:.2f}"
+    return (f"| {r.bytes_per_token:.1f} | {r.id_bytes:.1f} | {r.value_bytes:.1f} "
+            + (f"| {r.sample_bytes:.1f} " if samples else "")
+            + f"| {r.other_bytes:.1f} | {_fmt_rate(r.write_tok_s)} | {_fmt_rate(r.read_tok_s)} | {share} "
+            f"| {_fmt_err(r.max_abs_err)} | {_fmt_err(r.mean_kl)} | {lost} |")
+
+
+@dataclass
+class Synthetic:
+    """The synthetic grid's results."""
+
+    rows: list[Row]
+    floors: dict[tuple[int, int], tuple[float, float]]
+    breakdown: list[dict[str, float | str]]
+    sweep: list[dict[str, float | str]]
+
+
+def render(synthetic: Synthetic | None, real: list[RealResult], *, tokens: int, repeats: int,
+           command: str, pinned: str, seconds: float) -> str:
     out = [
         f"Command: `{command}`",
         "",
         *machine_lines(),
-        f"- {tokens:,} labelled positions per shard (records of 64..512 tokens, 6 languages), "
-        f"seed 0; timings are the best of {repeats} repetition(s), one core ({pinned}); "
-        f"wall time {seconds:.0f} s",
+        f"- timings are the best of {repeats} repetition(s), one core ({pinned}); wall time "
+        f"{seconds:.0f} s (a demo cache's build excluded)",
+        "",
+    ]
+    if synthetic is not None:
+        out += render_synthetic(synthetic, tokens=tokens, repeats=repeats)
+    if real:
+        out += render_real(real, tokens=tokens)
+    return "\n".join(out) + "\n"
+
+
+def render_synthetic(synthetic: Synthetic, *, tokens: int, repeats: int) -> list[str]:
+    rows, floors, breakdown, sweep = synthetic.rows, synthetic.floors, synthetic.breakdown, synthetic.sweep
+    out = [
+        "## Synthetic top-k labels",
+        "",
+        f"{tokens:,} labelled positions per shard (records of 64..512 tokens, 6 languages), seed 0.",
         "",
         "Bytes are per labelled position (= token here) and include every column of the shard "
         "(record_id, doc_key, lang, input_ids, context_length, top-k ids and values, file "
@@ -427,13 +658,7 @@ def render(rows: list[Row], floors: dict[tuple[int, int], tuple[float, float]],
         "|---:|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
-        share = "-" if r.decode_share != r.decode_share else f"{100 * r.decode_share:.0f}"
-        out.append(
-            f"| {r.vocab // 1000}k | {r.k} | {r.backend} | {r.codec} | {r.bytes_per_token:.1f} "
-            f"| {r.id_bytes:.1f} | {r.value_bytes:.1f} | {r.other_bytes:.1f} "
-            f"| {_fmt_rate(r.write_tok_s)} | {_fmt_rate(r.read_tok_s)} | {share} "
-            f"| {_fmt_err(r.max_abs_err)} | {_fmt_err(r.mean_kl)} | {100 * r.tail_lost:.2f} |"
-        )
+        out.append(f"| {r.vocab // 1000}k | {r.k} | {r.backend} | {r.codec} " + _measured_cells(r))
     out += [
         "",
         "Information in the top-k ids (bytes per token). *id entropy floor* = k x empirical "
@@ -505,7 +730,78 @@ def render(rows: list[Row], floors: dict[tuple[int, int], tuple[float, float]],
                    f"for {', '.join(f'{r.backend}/{r.codec}' for r in fast) or 'no cell'}; "
                    f"range {min(r.read_tok_s for r in cells) / 1e6:.2f}.."
                    f"{max(r.read_tok_s for r in cells) / 1e6:.2f} M tokens/s.")
-    return "\n".join(out) + "\n"
+    return out + [""]
+
+
+def render_real(results: list[RealResult], *, tokens: int) -> list[str]:
+    out = [
+        "## Real teacher outputs",
+        "",
+        f"Each source's first {tokens:,} labelled positions (whole records) stored again as one shard "
+        "per setting, as the synthetic shards are (default storage settings but the compression; "
+        "top-k ids and rows as the source holds them, values re-encoded from their float32 decode). "
+        "Bytes per labelled position, by column: *ids* = `topk_ids`, *values* = `topk_logprobs`, "
+        "*samples* = `sample_ids`, `sample_counts` (and Zarr's `sample_offsets`), *other* = every "
+        "other column (record_id, doc_key, lang, input_ids, context_length, entropy, target_logprob, "
+        "Zarr's offsets) and the file metadata. Write and read as above, per labelled position. "
+        "**The reference of the errors and the KL is the source cache's stored values** decoded to "
+        "float32: a real codec error for a float32 or float16 source (0 when the codec is the "
+        "source's or wider), for a q8 source only what storing them again changes.",
+        "",
+    ]
+    for result in results:
+        out += [
+            f"### `{result.source}`",
+            "",
+            result.description,
+            "",
+            "| backend | compression | codec | total B/pos | ids B/pos | values B/pos | samples B/pos "
+            "| other B/pos | write Mtok/s | read Mtok/s | dec % | max abs lp err | mean KL | tail lost % |",
+            "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        ]
+        for r in result.rows:
+            codec = r.codec if r.k else "-"
+            out.append(f"| {r.backend} | {r.compression} | {codec} " + _measured_cells(r, samples=True))
+        if result.structure is not None:
+            st = result.structure
+            out += [
+                "",
+                "What the top-k ids hold: *shared* = mean number of a position's top-k ids that the "
+                "previous position of the same record also has; *id entropy* = empirical entropy of "
+                "the pooled id histogram, and k times it, the floor of a coder of independent ids; "
+                "*stored* = the smallest ids bytes per position above.",
+                "",
+                "| k | shared with previous | distinct ids | id entropy bits/id | id entropy floor B/pos "
+                "| stored ids B/pos (best) |",
+                "|---:|---:|---:|---:|---:|---:|",
+                f"| {st['k']} | {st['shared']:.1f} ({100 * st['shared'] / st['k']:.0f}%) | {st['distinct']:,} "
+                f"| {st['bits']:.2f} | {st['floor']:.1f} | {st['stored']:.1f} |",
+            ]
+        out.append("")
+    return out
+
+
+def run_synthetic(tokens: int, repeats: int, workdir: Path) -> Synthetic:
+    """The synthetic grid: every vocab, k, codec and backend, the naive baseline, the read-time
+    breakdown and the compression sweep."""
+    result = Synthetic(rows=[], floors={}, breakdown=[], sweep=[])
+    for vocab in VOCABS:
+        base = make_records(tokens=tokens, k=max(KS), vocab_size=vocab, seed=0)
+        for k in KS:
+            records = base.with_k(k)
+            result.floors[(vocab, k)] = (marginal_entropy_bits(records.topk_ids, vocab),
+                                         sequence_entropy_bits(records.topk_ids, vocab))
+            result.rows.append(measure_naive(records, vocab, k, workdir, repeats))
+            print(_progress(result.rows[-1]), file=sys.stderr, flush=True)
+            source = synthetic_source(records, vocab)
+            for codec in value_codec_names():
+                result.rows += measure_codec(source, codec, ("zstd",), workdir, repeats)
+        if vocab == BREAKDOWN[0]:
+            result.breakdown = read_breakdown(base.with_k(BREAKDOWN[1]), vocab, BREAKDOWN[1],
+                                              BREAKDOWN_CODECS, workdir, max(repeats, 5))
+            result.sweep = compression_sweep(base.with_k(BREAKDOWN[1]), vocab, BREAKDOWN[1],
+                                             BREAKDOWN_CODECS, workdir, max(repeats, 5))
+    return result
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -519,46 +815,41 @@ def main(argv: list[str] | None = None) -> int:
                         help="timing repetitions, best reported (default 3; 1 with --quick)")
     parser.add_argument("--out", type=Path, default=None, help="also write the report here")
     parser.add_argument("--tmp-dir", type=Path, default=None,
-                        help="where the temporary caches go (default: the system temp dir)")
+                        help=f"where the temporary caches go, and the demo caches in {DEMO_DIR}/ "
+                             "(default: the system temp dir)")
+    parser.add_argument("--cache", action="append", default=[], metavar="PATH",
+                        help="also store this cache's labels (its first --tokens labelled positions) "
+                             "again in every setting (repeatable)")
+    parser.add_argument("--demo-cache", action="store_true",
+                        help="also measure the demo teacher's caches (top-64 float16, and 16 draws): "
+                             "stage one of `logitcache run`'s default job, built under --tmp-dir first "
+                             "unless there (the teacher's training takes a few minutes on CPU)")
+    parser.add_argument("--real-only", action="store_true",
+                        help="skip the synthetic grid (minutes): only --cache / --demo-cache sources")
     args = parser.parse_args(argv)
     tokens = args.tokens or (QUICK_TOKENS if args.quick else DEFAULT_TOKENS)
     repeats = args.repeats or (1 if args.quick else 3)
     if tokens < 1 or repeats < 1:
         parser.error("--tokens and --repeats must be positive")
+    if args.real_only and not (args.cache or args.demo_cache):
+        parser.error("--real-only needs --cache or --demo-cache")
     command = "python " + shlex.join([sys.argv[0], *(argv if argv is not None else sys.argv[1:])])
+    sources = list(args.cache)
+    if args.demo_cache:  # before pinning: the teacher's training and forward use every core
+        sources += demo_caches((args.tmp_dir or Path(tempfile.gettempdir())) / DEMO_DIR)
+    for url in sources:
+        manifest = CacheReader(url).manifest
+        if not manifest.layout.is_token_level or not manifest.total_positions:
+            parser.error(f"--cache {url}: a {manifest.kind} cache with {manifest.total_positions} "
+                         "labelled positions; nothing to store again")
     pinned = pin_to_one_core()
     started = time.perf_counter()
-    codecs = value_codec_names()
-    rows: list[Row] = []
-    floors: dict[tuple[int, int], tuple[float, float]] = {}
-    breakdown: list[dict[str, float | str]] = []
-    sweep: list[dict[str, float | str]] = []
     with tempfile.TemporaryDirectory(prefix="bench_codecs-", dir=args.tmp_dir) as tmp:
         workdir = Path(tmp)
-        for vocab in VOCABS:
-            base = make_records(tokens=tokens, k=max(KS), vocab_size=vocab, seed=0)
-            for k in KS:
-                records = base.with_k(k)
-                floors[(vocab, k)] = (marginal_entropy_bits(records.topk_ids, vocab),
-                                      sequence_entropy_bits(records.topk_ids, vocab))
-                rows.append(measure_naive(records, vocab, k, workdir, repeats))
-                print(_progress(rows[-1]), file=sys.stderr, flush=True)
-                for codec in codecs:
-                    decoded_by_backend = []
-                    for backend in BACKENDS:
-                        row, decoded = measure(records, vocab, k, codec, backend, workdir, repeats)
-                        rows.append(row)
-                        decoded_by_backend.append(decoded)
-                        print(_progress(row), file=sys.stderr, flush=True)
-                    if not all(np.array_equal(decoded_by_backend[0], d) for d in decoded_by_backend):
-                        raise AssertionError(f"backends decode {codec} differently at k={k}")
-            if vocab == BREAKDOWN[0]:
-                breakdown = read_breakdown(base.with_k(BREAKDOWN[1]), vocab, BREAKDOWN[1],
-                                           BREAKDOWN_CODECS, workdir, max(repeats, 5))
-                sweep = compression_sweep(base.with_k(BREAKDOWN[1]), vocab, BREAKDOWN[1], BREAKDOWN_CODECS,
-                                          workdir, max(repeats, 5))
-    report = render(rows, floors, breakdown, sweep=sweep, tokens=tokens, repeats=repeats, command=command,
-                    pinned=pinned, seconds=time.perf_counter() - started)
+        synthetic = None if args.real_only else run_synthetic(tokens, repeats, workdir)
+        real = [measure_source(url, tokens, workdir, repeats) for url in sources]
+    report = render(synthetic, real, tokens=tokens, repeats=repeats, command=command, pinned=pinned,
+                    seconds=time.perf_counter() - started)
     print(report)
     if args.out is not None:
         args.out.write_text(report)
