@@ -108,6 +108,7 @@ class Settings:
     threads: int = 2
     device: str = "cpu"  # where teachers and students run; on cuda as stage one and two run there (bf16)
     quick: bool = False
+    caches_only: bool = False  # stop after each regime's teacher and caches (for bench_codecs --cache)
 
     def base(self, seed: int) -> bs.Settings:
         """bench_students' settings for the teacher, the job and the student initialisation."""
@@ -313,6 +314,9 @@ def run_regime(name: str, work: Path, s: Settings) -> RegimeResult:
         manifest = CacheReader(str(cfg.cache)).manifest
         result.bytes_per_token[labels] = manifest.total_bytes / max(1, manifest.total_tokens)
         caches[labels] = cfg
+    if s.caches_only:
+        result.seconds = time.perf_counter() - started
+        return result
     first = next(iter(caches.values()))
     if not bs.same_order(list(caches.values())):
         raise SystemExit(f"[{name}] the caches' readers give different batches; the comparison would be unfair")
@@ -471,7 +475,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
                         help="where teachers and students run (default cpu); on cuda the teacher labels in bf16 "
                         "and students train under bf16 autocast, as the stages run there; evaluation in float32")
+    parser.add_argument("--caches-only", action="store_true",
+                        help="only train each regime's teacher and build its caches under --workdir (a trained "
+                        "teacher's real outputs, e.g. for bench_codecs.py --cache), then list them")
     args = parser.parse_args(argv)
+    if args.caches_only and not args.workdir:
+        parser.error("--caches-only needs --workdir: the caches are what it leaves behind")
     s = Settings(**QUICK, quick=True) if args.quick else Settings()
     parse = {"regimes": str, "ks": int, "samples": int, "tails": str, "alphas": float, "temperatures": float,
              "seeds": int}
@@ -483,7 +492,7 @@ def main(argv: list[str] | None = None) -> int:
         s.hybrid = () if args.hybrid == "none" else tuple(hybrid_spec(spec) for spec in args.hybrid.split(","))
     s = replace(s, steps=args.steps or s.steps, threads=args.threads or s.threads, device=args.device,
                 batch_tokens=args.batch_tokens or s.batch_tokens, teacher_steps=args.teacher_steps or s.teacher_steps,
-                values=args.values or s.values)
+                values=args.values or s.values, caches_only=args.caches_only)
     if s.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda: no CUDA GPU is available here; use --device cpu")
     unknown = set(s.regimes) - set(REGIMES)
@@ -498,8 +507,17 @@ def main(argv: list[str] | None = None) -> int:
             work = root / regime
             work.mkdir(parents=True, exist_ok=True)
             results.append(run_regime(regime, work, s))
-    publish(render(results, s, command), args.out)
+    publish(render_caches(results, root) if s.caches_only else render(results, s, command), args.out)
     return 0
+
+
+def render_caches(results: list[RegimeResult], root: Path) -> str:
+    """The caches --caches-only built: where they are, and their size."""
+    lines = ["| regime | language | vocab | cache | B/token |", "|---|---|---:|---|---:|"]
+    for r in results:
+        for labels, size in r.bytes_per_token.items():
+            lines.append(f"| {r.name} | {r.language} | {r.vocab} | `{root / r.name / f'cache-{labels}'}` | {size:.1f} |")
+    return "\n".join(lines) + "\n"
 
 
 if __name__ == "__main__":
