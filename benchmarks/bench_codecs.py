@@ -119,6 +119,10 @@ BREAKDOWN = (32_000, 64)  # (vocab, k) of the read-time breakdown
 BREAKDOWN_CODECS = ("float16", "q8")
 TARGET_BYTES_K64 = 80.0
 TARGET_DECODE_TOKENS_S = 3e6
+#: format 4's size targets on real teacher outputs, B/labelled position of a Parquet shard at
+#: the default compression: (kind, k or draws, value codec or "") -> at most
+REAL_TARGETS = {("token_topk", 64, "q8"): 64.0, ("token_topk", 64, "float16"): 100.0,
+                ("token_sampled", 16, ""): 16.0}
 DEMO_DIR = "bench_codecs-demo"  # under --tmp-dir: the demo teacher and its caches, kept between runs
 #: the demo caches of --demo-cache: name -> overrides of the default job's soft labels
 DEMO_LABELS = {
@@ -528,6 +532,7 @@ class RealResult:
     description: str
     rows: list[Row]
     structure: dict[str, float] | None  # sources with top-k ids: what explains their size
+    layout: RecordLayout | None = None
 
 
 def id_structure(source: Source, rows: list[Row]) -> dict[str, float]:
@@ -545,7 +550,8 @@ def measure_source(url: str, max_positions: int, workdir: Path, repeats: int) ->
     codecs = value_codec_names() if source.layout.kind == "token_topk" else (source.layout.value_codec,)
     rows = [row for codec in codecs for row in measure_codec(source, codec, COMPRESSIONS, workdir, repeats)]
     return RealResult(source=url, description=describe_source(source, manifest), rows=rows,
-                      structure=id_structure(source, rows) if source.layout.has_topk else None)
+                      structure=id_structure(source, rows) if source.layout.has_topk else None,
+                      layout=source.layout)
 
 
 def demo_caches(root: Path) -> list[str]:
@@ -741,9 +747,10 @@ def render_real(results: list[RealResult], *, tokens: int) -> list[str]:
         "per setting, as the synthetic shards are (default storage settings but the compression; "
         "top-k ids and rows as the source holds them, values re-encoded from their float32 decode). "
         "Bytes per labelled position, by column: *ids* = `topk_ids`, *values* = `topk_logprobs`, "
-        "*samples* = `sample_ids`, `sample_counts` (and Zarr's `sample_offsets`), *other* = every "
-        "other column (record_id, doc_key, lang, input_ids, context_length, entropy, target_logprob, "
-        "Zarr's offsets) and the file metadata. Write and read as above, per labelled position. "
+        "*samples* = the draws: Parquet's `sample_ids` and `undrawn_positions`, Zarr's `sample_ids`, "
+        "`sample_counts` and `sample_offsets`; *other* = every other column (record_id, doc_key, "
+        "lang, input_ids, context_length, entropy, target_logprob, Zarr's offsets) and the file "
+        "metadata. Write and read as above, per labelled position. "
         "**The reference of the errors and the KL is the source cache's stored values** decoded to "
         "float32: a real codec error for a float32 or float16 source (0 when the codec is the "
         "source's or wider), for a q8 source only what storing them again changes.",
@@ -778,7 +785,37 @@ def render_real(results: list[RealResult], *, tokens: int) -> list[str]:
                 f"| {st['bits']:.2f} | {st['floor']:.1f} | {st['stored']:.1f} |",
             ]
         out.append("")
-    return out
+    return out + render_targets(results)
+
+
+def render_targets(results: list[RealResult]) -> list[str]:
+    """Format 4's targets against the real sources that they concern: Parquet, default compression."""
+    lines = []
+    for result in results:
+        layout = result.layout
+        if layout is None:
+            continue
+        count = layout.k if layout.kind == "token_topk" else layout.samples
+        for r in result.rows:
+            if r.backend != "parquet" or r.compression != StorageConfig.compression:
+                continue
+            codec = r.codec if layout.kind == "token_topk" else ""
+            target = REAL_TARGETS.get((layout.kind, count, codec))
+            if target is not None:
+                verdict = "meets" if r.bytes_per_token <= target else "misses"
+                lines.append(f"| `{result.source}` | {layout.kind} {count}{f' {codec}' if codec else ''} "
+                             f"| B/position <= {target:.0f} | {r.bytes_per_token:.1f} | {verdict} |")
+            if layout.kind == "token_topk" and count == 64:
+                verdict = "meets" if r.read_tok_s >= TARGET_DECODE_TOKENS_S else "misses"
+                lines.append(f"| `{result.source}` | {layout.kind} {count} {r.codec} | read + decode Mtok/s "
+                             f">= {TARGET_DECODE_TOKENS_S / 1e6:.0f} | {_fmt_rate(r.read_tok_s)} | {verdict} |")
+    if not lines:
+        return []
+    return ["### Format 4's targets on these sources", "",
+            f"Parquet shards at the default compression ({StorageConfig.compression}), from the tables above; "
+            "read + decode is `read_shard` and the float32 decode of the whole shard on one core "
+            "(the stage-two reader's own speed is bench_reader's).", "",
+            "| source | labels | target | measured | verdict |", "|---|---|---|---:|---|", *lines, ""]
 
 
 def run_synthetic(tokens: int, repeats: int, workdir: Path) -> Synthetic:

@@ -10,6 +10,12 @@ processes, as ``train_students`` builds it (persistent workers). Each run takes 
 of the cache on one loader and times the second, when the reading processes are warm, as
 they are for most of a training run.
 
+With ``--cache PATH`` the labels are a trained teacher's instead (a top-k cache, e.g. one of
+``bench_quality.py --caches-only``'s): its records, repeated with fresh record ids to fill the
+shards, values re-encoded in each codec. Synthetic ids are independent draws; a real teacher's
+neighbouring positions share many top ids, which format 4's gap rows turn into fewer bytes to
+decompress, so the read side's cost on real outputs differs.
+
 Two forms of batch: *stored*, what ``train_students`` ships (``TokenPacker(decode=False)``:
 top-k ids and values in the cache's stored types, widened by ``TokenBatch.decoded()`` on the
 trainer's device), and *decoded* (int64 ids, float32 log-probs packed on the host), run
@@ -49,6 +55,7 @@ then each figure is the best of ``--repeats`` runs.
 Usage::
 
     python benchmarks/bench_reader.py [--ks 64] [--compressions zstd,lz4,none] [--quick] [--out FILE.md]
+        [--cache PATH --ks K]
 """
 
 from __future__ import annotations
@@ -76,7 +83,7 @@ import numpy as np  # noqa: E402
 import pyarrow as pa  # noqa: E402
 import torch  # noqa: E402
 import zarr  # noqa: E402
-from bench_codecs import encode_block, machine_lines, make_template  # noqa: E402
+from bench_codecs import Source, encode_block, machine_lines, make_template, read_source, reencode  # noqa: E402
 from synthetic_topk import SyntheticRecords, make_records  # noqa: E402
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info  # noqa: E402
 
@@ -90,6 +97,7 @@ from logitcache.pipeline.distill.dataset import CacheDataset  # noqa: E402
 from logitcache.storage_schemas.id_codec import id_type_for_vocab  # noqa: E402
 from logitcache.storage_schemas.layout import RecordLayout  # noqa: E402
 from logitcache.storage_schemas.manifest import Manifest  # noqa: E402
+from logitcache.storage_schemas.records import RecordBlock  # noqa: E402
 from logitcache.storage_schemas.shard_reader import CacheReader  # noqa: E402
 from logitcache.storage_schemas.shard_writer import ShardWriter  # noqa: E402
 
@@ -207,21 +215,66 @@ def shard_records(base: SyntheticRecords, index: int) -> SyntheticRecords:
     )
 
 
-def layout_for(k: int, codec: str) -> RecordLayout:
+def layout_for(k: int, codec: str, real: Source | None = None) -> RecordLayout:
+    if real is not None:  # the source's columns, in another value codec
+        return dataclasses.replace(real.layout, value_codec=codec)
     return RecordLayout(kind="token_topk", id_type=id_type_for_vocab(VOCAB), vocab_size=VOCAB, k=k,
                         value_codec=codec)
 
 
-def write_caches(workdir: Path, tokens: int, shard_tokens: int, configs: list[Config]) -> dict[Config, str]:
-    """One cache per (k, backend, codec, compression), each of ceil(tokens / shard_tokens) shards."""
+def real_source(url: str, tokens: int) -> Source:
+    """Up to ``tokens`` labelled positions (whole records) of a top-k cache built by a trained teacher."""
+    source, _ = read_source(url, tokens)
+    if source.layout.kind != "token_topk":
+        raise SystemExit(f"--cache {url}: a {source.layout.kind} cache; the reader benchmark takes a token_topk one")
+    return source
+
+
+def real_shard(source: Source, size: int, index: int) -> Source:
+    """Shard ``index``: ``source``'s records from where shard ``index - 1`` stopped, round and round,
+    until ``size`` tokens (whole records, so a shard may hold a few more), with fresh record ids and
+    doc keys. The labels stay the teacher's own, with their structure (shared ids between
+    neighbouring positions) that a synthetic generator lacks."""
+    block = source.block
+    ends = block.token_offsets
+    record = int(np.searchsorted(ends, (index * size) % int(ends[-1]), side="right")) - 1
+    ranges, total = [], 0  # contiguous record ranges, round and round the source
+    while total < size:
+        full_at = int(np.searchsorted(ends, ends[record] + size - total, side="left"))  # first record end past it
+        stop = min(max(full_at, record + 1), block.num_records)
+        ranges.append((record, stop))
+        total += int(ends[stop] - ends[record])
+        record = stop % block.num_records
+    shard = RecordBlock.concat([block.take_records(a, b) for a, b in ranges])
+    rng = np.random.default_rng([SEED, index, 0x5A4E])
+    keys = rng.integers(0, 2**64, size=shard.num_records, dtype=np.uint64)
+    shard = dataclasses.replace(shard, record_id=keys,
+                                doc_key=np.array([f"{h:016x}" for h in keys.tolist()], dtype=object))
+    labels = block.label_offsets
+    lp = np.concatenate([source.logprobs[labels[a]:labels[b]] for a, b in ranges])
+    return Source(name=source.name, block=shard, layout=source.layout, logprobs=lp)
+
+
+def write_caches(workdir: Path, tokens: int, shard_tokens: int, configs: list[Config],
+                 real: Source | None = None) -> dict[Config, str]:
+    """One cache per (k, backend, codec, compression), each of ceil(tokens / shard_tokens) shards:
+    synthetic labels, or ``real``'s records when given."""
     urls = {cfg: str(workdir / "cache-k{}-{}-{}-{}".format(*cfg)) for cfg in configs}
     writers = {}
     for cfg in configs:
-        template = make_template(layout_for(cfg[0], cfg[2]), cfg[1])
+        template = make_template(layout_for(cfg[0], cfg[2], real), cfg[1])
         template.storage["compression"] = cfg[3]
         writers[cfg] = ShardWriter(urls[cfg], template=template)
     top_k = max(cfg[0] for cfg in configs)
     sizes = [shard_tokens] * (tokens // shard_tokens) + ([tokens % shard_tokens] if tokens % shard_tokens else [])
+    if real is not None:
+        for index, size in enumerate(sizes):
+            shard = real_shard(real, size, index)
+            for cfg in configs:
+                writers[cfg].commit(reencode(shard, layout_for(cfg[0], cfg[2], real)), unit_id=f"u{index:05d}")
+            progress(f"shard {index + 1}/{len(sizes)} ({shard.block.token_offsets[-1]:,} tokens of {real.name}) "
+                     f"written to {len(writers)} caches")
+        return urls
     base: SyntheticRecords | None = None
     for index, size in enumerate(sizes):
         if base is None or base.num_tokens != size:
@@ -425,7 +478,8 @@ def _ns(part: dict[str, float], *names: str) -> str:
 
 def render(runs: list[Run], parts: Parts, *, command: str, tokens: int, shard_tokens: int,
            shuffle_buffer: int, windows: tuple[int, int], repeats: int, seconds: float,
-           load: tuple[tuple[float, ...], tuple[float, ...]], quick: bool = False) -> str:
+           load: tuple[tuple[float, ...], tuple[float, ...]], quick: bool = False,
+           real: Source | None = None) -> str:
     rows = rows_for(BATCH_TOKENS, MAX_LENGTH)
     fill = sum(r.tokens for r in runs) / max(sum(r.slots for r in runs), 1)
     budget = 1e9 / TARGET_TOKENS_S
@@ -435,10 +489,15 @@ def render(runs: list[Run], parts: Parts, *, command: str, tokens: int, shard_to
         *machine_lines(),
         f"- torch {torch.__version__}; DataLoader start method {torch.multiprocessing.get_start_method()}, "
         f"sharing strategy {torch.multiprocessing.get_sharing_strategy()}",
-        f"- cache: {tokens:,} tokens (every one a labelled position) in {math.ceil(tokens / shard_tokens)} "
-        f"shards of up to {shard_tokens:,} tokens, one block each; records of 64..512 tokens; vocab "
-        f"{VOCAB // 1000}k (uint16 ids); synthetic labels (`synthetic_topk.py`, seed {SEED}; each shard "
-        "permutes the positions of one generated sample)",
+        (f"- cache: {tokens:,} tokens (every one a labelled position) in {math.ceil(tokens / shard_tokens)} "
+         f"shards of up to {shard_tokens:,} tokens, one block each; records of 64..512 tokens; vocab "
+         f"{VOCAB // 1000}k (uint16 ids); synthetic labels (`synthetic_topk.py`, seed {SEED}; each shard "
+         "permutes the positions of one generated sample)" if real is None else
+         f"- cache: {math.ceil(tokens / shard_tokens)} shards of about {shard_tokens:,} tokens (whole records), "
+         f"one block each, cut from the {real.block.num_records:,} records ({real.block.num_positions:,} "
+         f"labelled positions) of `{real.name}` (vocabulary {real.layout.vocab_size:,}, {real.layout.id_type} "
+         f"ids, top-{real.layout.k}), round and round with fresh record ids; values re-encoded from their "
+         "float32 decode in each codec"),
         f"- reader: `CacheDataset(seed={SEED}, epochs=1, shuffle_buffer={shuffle_buffer:,})`: "
         f"{windows[0]} windows of {windows[1]} blocks; `TokenPacker(rows={rows}, length={MAX_LENGTH})` "
         f"(batch_tokens {BATCH_TOKENS:,}); slots holding real tokens: {100 * fill:.1f}%",
@@ -534,6 +593,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="tiny cache, one run: a smoke test, numbers too small to quote")
     parser.add_argument("--out", type=Path, default=None, help="also write the report here")
     parser.add_argument("--tmp-dir", type=Path, default=None, help="where the caches go (default: system temp dir)")
+    parser.add_argument("--cache", default=None, metavar="PATH",
+                        help="labels from this top-k cache of a trained teacher instead of synthetic ones: its "
+                        "records (up to --tokens), repeated with fresh record ids to fill the shards, values "
+                        "re-encoded in each codec; --ks must be its k")
     args = parser.parse_args(argv)
     tokens = args.tokens or (QUICK_TOKENS if args.quick else DEFAULT_TOKENS)
     shard_tokens = args.shard_tokens or (QUICK_SHARD_TOKENS if args.quick else DEFAULT_SHARD_TOKENS)
@@ -543,6 +606,9 @@ def main(argv: list[str] | None = None) -> int:
     if tokens < 1 or shard_tokens < 1 or repeats < 1 or shuffle_buffer < 0:
         parser.error("--tokens, --shard-tokens and --repeats must be positive, --shuffle-buffer >= 0")
     codecs = args.codecs or (QUICK_CODECS if args.quick else ",".join(CODECS))
+    real = real_source(args.cache, tokens) if args.cache else None
+    if real is not None and args.ks != str(real.layout.k):
+        parser.error(f"--cache {args.cache} holds top-{real.layout.k}: pass --ks {real.layout.k}")
     configs: list[Config] = [(int(k), backend, codec, compression) for k in args.ks.split(",")
                              for backend in args.backends.split(",") for codec in codecs.split(",")
                              for compression in args.compressions.split(",")]
@@ -558,12 +624,13 @@ def main(argv: list[str] | None = None) -> int:
         workdir = Path(tmp)
         stats_dir = workdir / "stats"
         stats_dir.mkdir()
-        urls = write_caches(workdir, tokens, shard_tokens, configs)
+        urls = write_caches(workdir, tokens, shard_tokens, configs, real)
         first = CacheReader(urls[configs[0]]).manifest
         per_window = window_blocks(first, shuffle_buffer)
         windows = (math.ceil(sum(s.blocks for s in first.shards) / per_window), per_window)
         for cfg, url in urls.items():
-            layout = layout_for(cfg[0], cfg[2])
+            layout = layout_for(cfg[0], cfg[2], real)
+            cache_tokens = CacheReader(url).manifest.total_tokens  # real records: whole ones, a few more
             stored = TokenPacker(layout, rows=rows, length=MAX_LENGTH, decode=False)
             decoded = TokenPacker(layout, rows=rows, length=MAX_LENGTH)
             if not args.quick:  # warm-up: page cache, first touch of memory
@@ -573,8 +640,8 @@ def main(argv: list[str] | None = None) -> int:
                 for _ in range(repeats):
                     run = run_loader(url, cfg, workers=workers, shuffle_buffer=shuffle_buffer, packer=packer,
                                      stats_dir=stats_dir)
-                    if run.tokens != tokens:
-                        raise AssertionError(f"{url}: an epoch delivered {run.tokens} tokens, not {tokens}")
+                    if run.tokens != cache_tokens:
+                        raise AssertionError(f"{url}: an epoch delivered {run.tokens} tokens, not {cache_tokens}")
                     if best is None or run.wall_s < best.wall_s:
                         best = run
                 runs.append(best)
@@ -586,7 +653,7 @@ def main(argv: list[str] | None = None) -> int:
             parts[cfg]["shard_bytes"] = sum(s.bytes for s in CacheReader(url).manifest.shards)
             progress(f"{'/'.join(map(str, cfg))} breakdown (CPU ns/token): "
                      + ", ".join(f"{x} {_ns(parts[cfg], x)}" for x in PARTS) + f", sys {100 * parts[cfg]['sys']:.0f}%")
-    report = render(runs, parts, command=command, tokens=tokens, shard_tokens=shard_tokens,
+    report = render(runs, parts, command=command, tokens=tokens, shard_tokens=shard_tokens, real=real,
                     shuffle_buffer=shuffle_buffer, windows=windows, repeats=repeats,
                     seconds=time.perf_counter() - started, load=(load_before, os.getloadavg()),
                     quick=args.quick)
