@@ -103,6 +103,7 @@ import logitcache  # noqa: E402
 from logitcache.config import StorageConfig, config_to_dict, load_config  # noqa: E402
 from logitcache.storage_schemas.id_codec import id_type_for_vocab  # noqa: E402
 from logitcache.storage_schemas.layout import RecordLayout  # noqa: E402
+from logitcache.storage_schemas.legacy_formats import legacy_table  # noqa: E402
 from logitcache.storage_schemas.manifest import Manifest, ShardEntry  # noqa: E402
 from logitcache.storage_schemas.records import RecordBlock  # noqa: E402
 from logitcache.storage_schemas.shard_reader import CacheReader  # noqa: E402
@@ -533,6 +534,9 @@ class RealResult:
     rows: list[Row]
     structure: dict[str, float] | None  # sources with top-k ids: what explains their size
     layout: RecordLayout | None = None
+    #: codec -> (total, ids, values) B/position of the same labels as a format 3 Parquet shard
+    draws: dict[str, float] | None = None  # sources with draws: what explains their size
+    format_3: dict[str, tuple[float, float, float]] | None = None
 
 
 def id_structure(source: Source, rows: list[Row]) -> dict[str, float]:
@@ -543,15 +547,59 @@ def id_structure(source: Source, rows: list[Row]) -> dict[str, float]:
             "distinct": int(np.unique(ids).size)}
 
 
+def format_3_bytes(source: Source, codec: str, workdir: Path) -> tuple[float, float, float]:
+    """(total, top-k ids, top-k values) bytes per position of ``source``'s labels in ``codec`` as a
+    format 3 Parquet shard (rows in rank order as raw little-endian bytes, q8 as differences),
+    written with the writer's zstd settings. Only for ids and values of 1 and 2 bytes: format 3
+    stored 4-byte ones another way."""
+    layout = replace(source.layout, value_codec=codec)
+    table = legacy_table(reencode(source, layout), layout, 3)
+    path = workdir / f"format-3-{codec}.parquet"
+    settings = StorageConfig()
+    pq.write_table(table, path, compression="zstd", compression_level=settings.compression_level,
+                   use_dictionary=["doc_key", "lang"], write_statistics=["record_id"], store_schema=True,
+                   row_group_size=table.num_rows)
+    sizes, total, positions = parquet_column_bytes(path), path.stat().st_size, source.block.num_positions
+    path.unlink()
+    return total / positions, sizes["topk_ids"] / positions, sizes["topk_logprobs"] / positions
+
+
+def draw_structure(source: Source, rows: list[Row]) -> dict[str, float]:
+    """What a sampled source's draws hold: distinct ids per position with draws, the pooled id
+    entropy, and the floor of a coder that treats a position's draws as a multiset of independent
+    draws from the pooled histogram: ``samples * H - E[log2(samples! / prod(counts!))]`` bits
+    (the order of the draws is not stored). A coder that knew the teacher's distribution at each
+    position could go lower; zstd knows neither."""
+    block, samples = source.block, source.layout.samples
+    s_off = block.sample_offsets - block.sample_offsets[0]
+    distinct = np.diff(s_off)
+    drawn = distinct > 0
+    bits = marginal_entropy_bits(np.repeat(block.sample_ids, block.sample_counts.astype(np.int64)),
+                                 source.layout.vocab_size)
+    log2_fact = np.concatenate([[0.0], np.cumsum(np.log2(np.arange(1, samples + 1)))])
+    position = np.repeat(np.arange(len(distinct)), distinct)
+    per_position = log2_fact[samples] - np.bincount(position, weights=log2_fact[block.sample_counts.astype(np.int64)],
+                                                    minlength=len(distinct))
+    ordering = float(per_position[drawn].mean()) if drawn.any() else 0.0
+    share = drawn.mean() if len(drawn) else 0.0
+    return {"samples": samples, "distinct": float(distinct[drawn].mean()) if drawn.any() else 0.0, "bits": bits,
+            "floor": share * (samples * bits - ordering) / 8, "drawn": float(share),
+            "stored": min(r.sample_bytes for r in rows)}
+
+
 def measure_source(url: str, max_positions: int, workdir: Path, repeats: int) -> RealResult:
     """Every setting of one cache's labels: a top-k cache through every value codec, a sampled or
     hybrid one in its own; both backends and every compression of COMPRESSIONS."""
     source, manifest = read_source(url, max_positions)
     codecs = value_codec_names() if source.layout.kind == "token_topk" else (source.layout.value_codec,)
     rows = [row for codec in codecs for row in measure_codec(source, codec, COMPRESSIONS, workdir, repeats)]
+    two_bytes = source.layout.kind == "token_topk" and np.dtype(source.layout.id_type).itemsize <= 2
     return RealResult(source=url, description=describe_source(source, manifest), rows=rows,
                       structure=id_structure(source, rows) if source.layout.has_topk else None,
-                      layout=source.layout)
+                      layout=source.layout,
+                      format_3={codec: format_3_bytes(source, codec, workdir) for codec in ("float16", "q8")}
+                      if two_bytes else None,
+                      draws=draw_structure(source, rows) if source.layout.has_samples else None)
 
 
 def demo_caches(root: Path) -> list[str]:
@@ -784,6 +832,27 @@ def render_real(results: list[RealResult], *, tokens: int) -> list[str]:
                 f"| {st['k']} | {st['shared']:.1f} ({100 * st['shared'] / st['k']:.0f}%) | {st['distinct']:,} "
                 f"| {st['bits']:.2f} | {st['floor']:.1f} | {st['stored']:.1f} |",
             ]
+        if result.draws is not None:
+            d = result.draws
+            out += ["", "What the draws hold: *distinct* = mean distinct ids among a position's draws; "
+                    "*id entropy* = empirical entropy of the pooled histogram of drawn ids; *floor* = a "
+                    "coder of each position's draws as a multiset of independent draws from that histogram "
+                    "(samples x entropy, less the order of the draws, which is not stored), per labelled "
+                    "position; *stored* = the smallest sample bytes per position above.", "",
+                    "| draws | positions with draws | distinct ids | id entropy bits/id | floor B/pos "
+                    "| stored B/pos (best) |", "|---:|---:|---:|---:|---:|---:|",
+                    f"| {d['samples']} | {100 * d['drawn']:.1f}% | {d['distinct']:.1f} | {d['bits']:.2f} "
+                    f"| {d['floor']:.1f} | {d['stored']:.1f} |"]
+        if result.format_3:
+            out += ["", f"The same labels in format 3 (rank-order rows) and format 4, Parquet, "
+                    f"{StorageConfig.compression} level {StorageConfig.compression_level}, B/position:", "",
+                    "| codec | format 3 total | ids | values | format 4 total | ids | values | format 4 / 3 |",
+                    "|---|---:|---:|---:|---:|---:|---:|---:|"]
+            for codec, (total, ids, values) in result.format_3.items():
+                now = next(r for r in result.rows if r.backend == "parquet" and r.codec == codec
+                           and r.compression == StorageConfig.compression)
+                out.append(f"| {codec} | {total:.1f} | {ids:.1f} | {values:.1f} | {now.bytes_per_token:.1f} "
+                           f"| {now.id_bytes:.1f} | {now.value_bytes:.1f} | {now.bytes_per_token / total:.2f} |")
         out.append("")
     return out + render_targets(results)
 

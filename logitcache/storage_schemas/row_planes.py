@@ -15,8 +15,8 @@ as sorted gaps in planes 9.4 (BENCHMARKS.md, "Cache format 4"). Planes inside ea
 rather than inside a record, keep every row the same length, so a whole row group decodes
 with a few vectorised numpy calls and no loop over records.
 
-Decoding one row group is one strided copy per plane, and for gaps a running sum along the
-row, done column by column on blocks of rows that stay in the CPU cache. The sum wraps
+Decoding one row group is a widening copy, shift and OR per plane, and for gaps a running
+sum along the row, done column by column, all on blocks of rows that stay in the CPU cache. The sum wraps
 modulo ``2**(8 W)``, so the transform is exact for rows in any order; sortedness only
 makes the gaps small.
 """
@@ -25,8 +25,9 @@ from __future__ import annotations
 
 import numpy as np
 
-#: rows per pass of the running sum: 4096 x k elements (512 KiB of uint16 at k = 64) stay
-#: in the CPU cache across the k column passes, instead of streaming a whole shard k times
+#: rows per pass of the running sum and of the plane transforms: 4096 x k elements (512 KiB
+#: of uint16 at k = 64) stay in the CPU cache across the passes over them, instead of
+#: streaming a whole shard once per pass
 _SUM_CHUNK_ROWS = 4096
 
 
@@ -58,6 +59,10 @@ def running_sum_(rows: np.ndarray) -> np.ndarray:
     return rows
 
 
+def _unsigned(width: int) -> np.dtype:
+    return np.dtype(f"<u{width}")
+
+
 def to_planes(rows: np.ndarray) -> np.ndarray:
     """``[n, k]`` elements of ``W`` bytes as ``[n, W * k]`` bytes: each row's planes."""
     rows = np.ascontiguousarray(rows, dtype=little_endian(rows.dtype))
@@ -65,8 +70,19 @@ def to_planes(rows: np.ndarray) -> np.ndarray:
     width = rows.dtype.itemsize
     if width == 1:
         return rows.view(np.uint8)
-    planes = rows.view(np.uint8).reshape(n, k, width).transpose(0, 2, 1)
-    return np.ascontiguousarray(planes).reshape(n, width * k)
+    # byte w of every element by shifts over whole blocks of rows: contiguous passes, where a
+    # byte transpose would move one byte at a time
+    whole = rows.view(_unsigned(width))
+    out = np.empty((n, width * k), dtype=np.uint8)
+    for start in range(0, n, _SUM_CHUNK_ROWS):
+        chunk = whole[start:start + _SUM_CHUNK_ROWS]
+        target = out[start:start + _SUM_CHUNK_ROWS]
+        shifted = chunk.copy()
+        for w in range(width):
+            if w:
+                np.right_shift(chunk, 8 * w, out=shifted)
+            np.copyto(target[:, w * k:(w + 1) * k], shifted, casting="unsafe")  # the low byte
+    return out
 
 
 def from_planes(data: np.ndarray, dtype: np.dtype | str, k: int) -> np.ndarray:
@@ -75,11 +91,19 @@ def from_planes(data: np.ndarray, dtype: np.dtype | str, k: int) -> np.ndarray:
     width = dtype.itemsize
     data = np.asarray(data, dtype=np.uint8).reshape(-1, width * k)
     n = data.shape[0]
-    out = np.empty((n, k), dtype=little_endian(dtype))
     if width == 1:
-        out.view(np.uint8)[...] = data
-    else:
-        out.view(np.uint8).reshape(n, k, width)[...] = data.reshape(n, width, k).transpose(0, 2, 1)
+        return data.copy().view(dtype)
+    out = np.empty((n, k), dtype=_unsigned(width))
+    for start in range(0, n, _SUM_CHUNK_ROWS):
+        planes = data[start:start + _SUM_CHUNK_ROWS]
+        target = out[start:start + _SUM_CHUNK_ROWS]
+        np.copyto(target, planes[:, :k])
+        byte = np.empty_like(target)
+        for w in range(1, width):
+            np.copyto(byte, planes[:, w * k:(w + 1) * k])
+            np.left_shift(byte, 8 * w, out=byte)
+            np.bitwise_or(target, byte, out=target)
+    out = out.view(little_endian(dtype))
     return out if dtype == out.dtype else out.astype(dtype)
 
 
