@@ -536,6 +536,7 @@ class RealResult:
     layout: RecordLayout | None = None
     #: codec -> (total, ids, values) B/position of the same labels as a format 3 Parquet shard
     draws: dict[str, float] | None = None  # sources with draws: what explains their size
+    levels: list[dict[str, float | str]] | None = None  # top-k sources: the zstd level sweep
     format_3: dict[str, tuple[float, float, float]] | None = None
 
 
@@ -545,6 +546,37 @@ def id_structure(source: Source, rows: list[Row]) -> dict[str, float]:
     return {"shared": shared_with_previous(ids, source.block.label_offsets), "k": k, "bits": bits,
             "floor": k * bits / 8, "stored": min(r.id_bytes for r in rows),
             "distinct": int(np.unique(ids).size)}
+
+
+REAL_LEVELS = (3, 6, 9, 12, 19)  # zstd levels of the real top-k sources' level sweep
+
+
+def level_sweep(source: Source, workdir: Path, repeats: int) -> list[dict[str, float | str]]:
+    """``source``'s labels in q8 and float16 as Parquet zstd shards at each of REAL_LEVELS
+    (``storage.compression_level``), through the real writer: B/position (ids, values), the
+    commit's time and ``read_shard``'s time per position (no value decode), best of ``repeats``."""
+    out = []
+    for codec in ("q8", "float16"):
+        layout = replace(source.layout, value_codec=codec)
+        for level in REAL_LEVELS:
+            template = make_template(layout, "parquet", "zstd")
+            template.storage["compression_level"] = level
+            cache = workdir / f"level-{codec}-{level}"
+            write_s, entry, _ = timed_write(source, template, cache)
+            for rep in range(1, repeats):
+                again = workdir / f"level-{codec}-{level}-{rep}"
+                write_s = min(write_s, timed_write(source, template, again)[0])
+                shutil.rmtree(again)
+            reader = CacheReader(str(cache))
+            read_s = _best(lambda reader=reader, entry=entry: reader.read_shard(entry), repeats)
+            ids, values, _, _ = split_bytes(column_bytes(cache, entry, "parquet"), entry.bytes)
+            positions = source.block.num_positions
+            out.append({"codec": codec, "level": level, "bytes": entry.bytes / positions, "ids": ids / positions,
+                        "values": values / positions, "write_ns": 1e9 * write_s / positions,
+                        "read_ns": 1e9 * read_s / positions})
+            shutil.rmtree(cache)
+            print(f"{source.name} level {level} {codec}: {out[-1]['bytes']:.1f} B/pos", file=sys.stderr, flush=True)
+    return out
 
 
 def format_3_bytes(source: Source, codec: str, workdir: Path) -> tuple[float, float, float]:
@@ -599,7 +631,8 @@ def measure_source(url: str, max_positions: int, workdir: Path, repeats: int) ->
                       layout=source.layout,
                       format_3={codec: format_3_bytes(source, codec, workdir) for codec in ("float16", "q8")}
                       if two_bytes else None,
-                      draws=draw_structure(source, rows) if source.layout.has_samples else None)
+                      draws=draw_structure(source, rows) if source.layout.has_samples else None,
+                      levels=level_sweep(source, workdir, repeats) if source.layout.kind == "token_topk" else None)
 
 
 def demo_caches(root: Path) -> list[str]:
@@ -832,6 +865,15 @@ def render_real(results: list[RealResult], *, tokens: int) -> list[str]:
                 f"| {st['k']} | {st['shared']:.1f} ({100 * st['shared'] / st['k']:.0f}%) | {st['distinct']:,} "
                 f"| {st['bits']:.2f} | {st['floor']:.1f} | {st['stored']:.1f} |",
             ]
+        if result.levels:
+            out += ["", "zstd levels (`storage.compression_level`, default "
+                    f"{StorageConfig.compression_level}), Parquet; *write* = `ShardWriter.commit` (encode, "
+                    "compress, fsync, sha256, manifest) and *read* = `read_shard` (no value decode), wall ns per "
+                    "position on the pinned core:", "",
+                    "| codec | level | total B/pos | ids B/pos | values B/pos | write ns/pos | read ns/pos |",
+                    "|---|---:|---:|---:|---:|---:|---:|"]
+            out += [f"| {x['codec']} | {x['level']} | {x['bytes']:.1f} | {x['ids']:.1f} | {x['values']:.1f} "
+                    f"| {x['write_ns']:.0f} | {x['read_ns']:.0f} |" for x in result.levels]
         if result.draws is not None:
             d = result.draws
             out += ["", "What the draws hold: *distinct* = mean distinct ids among a position's draws; "
