@@ -103,7 +103,7 @@ import logitcache  # noqa: E402
 from logitcache.config import StorageConfig, config_to_dict, load_config  # noqa: E402
 from logitcache.storage_schemas.id_codec import id_type_for_vocab  # noqa: E402
 from logitcache.storage_schemas.layout import RecordLayout  # noqa: E402
-from logitcache.storage_schemas.legacy_formats import legacy_table  # noqa: E402
+from logitcache.storage_schemas.legacy_formats import legacy_table, sort_topk_by_id  # noqa: E402
 from logitcache.storage_schemas.manifest import Manifest, ShardEntry  # noqa: E402
 from logitcache.storage_schemas.records import RecordBlock  # noqa: E402
 from logitcache.storage_schemas.shard_reader import CacheReader  # noqa: E402
@@ -197,16 +197,17 @@ class Source:
 
 
 def synthetic_source(records: SyntheticRecords, vocab: int) -> Source:
-    """The synthetic records as a float32 top-k source."""
+    """The synthetic records as a float32 top-k source, each row in ascending id order as a cache
+    stores it (the generator gives rank order)."""
     layout = RecordLayout(kind="token_topk", id_type=id_type_for_vocab(vocab), vocab_size=vocab,
                           k=records.topk_ids.shape[1], value_codec="float32")
+    ids, logprobs = sort_topk_by_id(records.topk_ids, records.topk_logprobs)
     block = RecordBlock(
         record_id=records.record_id, doc_key=records.doc_key, lang=records.lang,
         token_offsets=records.token_offsets, input_ids=records.input_ids,
-        context_length=records.context_length, topk_ids=records.topk_ids,
-        topk_logprobs=records.topk_logprobs,
+        context_length=records.context_length, topk_ids=ids, topk_logprobs=logprobs,
     )
-    return Source(name="synthetic", block=block, layout=layout, logprobs=records.topk_logprobs)
+    return Source(name="synthetic", block=block, layout=layout, logprobs=logprobs)
 
 
 def reencode(source: Source, layout: RecordLayout) -> RecordBlock:
@@ -916,7 +917,7 @@ def render_targets(results: list[RealResult]) -> list[str]:
                 verdict = "meets" if r.bytes_per_token <= target else "misses"
                 lines.append(f"| `{result.source}` | {layout.kind} {count}{f' {codec}' if codec else ''} "
                              f"| B/position <= {target:.0f} | {r.bytes_per_token:.1f} | {verdict} |")
-            if layout.kind == "token_topk" and count == 64:
+            if layout.kind == "token_topk" and count == 64 and r.codec != "float32":
                 verdict = "meets" if r.read_tok_s >= TARGET_DECODE_TOKENS_S else "misses"
                 lines.append(f"| `{result.source}` | {layout.kind} {count} {r.codec} | read + decode Mtok/s "
                              f">= {TARGET_DECODE_TOKENS_S / 1e6:.0f} | {_fmt_rate(r.read_tok_s)} | {verdict} |")
