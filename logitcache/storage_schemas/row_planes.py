@@ -16,9 +16,9 @@ inside each row, rather than inside a record, keep every row the same length, so
 row group decodes with a few vectorised numpy calls and no loop over records.
 
 Decoding one row group is a widening copy, shift and OR per plane, and for gaps a running
-sum along the row, done column by column, all on blocks of rows that stay in the CPU
-cache. The sum wraps modulo ``2**(8 W)``, so the transform is exact for rows in any order;
-sortedness only makes the gaps small.
+sum along the row, several elements to a 64-bit word, on blocks of rows that stay in the
+CPU cache. The encoding wraps modulo ``2**(8 W)``; decoding assumes what format 4
+guarantees, rows in ascending id order, whose running sums are their ids and never wrap.
 """
 
 from __future__ import annotations
@@ -61,6 +61,37 @@ def running_sum_(rows: np.ndarray) -> np.ndarray:
 
 def _unsigned(width: int) -> np.dtype:
     return np.dtype(f"<u{width}")
+
+
+def ascending_sum_(rows: np.ndarray) -> np.ndarray:
+    """:func:`running_sum_` for rows whose running sums all fit the element type, as the gaps of
+    ascending ids do (every running sum is an id of the row); in place, returns ``rows``.
+
+    Several elements share one 64-bit word: a word's running sum is two or three shifted adds,
+    and the words of a row are joined by adding the previous word's last element to every
+    element of the next, so a row of 64 uint16 ids takes 15 column passes instead of 63. A
+    sum that overflowed an element would carry into its neighbour, hence the precondition.
+    """
+    n, k = rows.shape
+    bits = 8 * rows.dtype.itemsize
+    lanes = 64 // bits
+    if lanes < 2 or k % lanes or not rows.flags.c_contiguous or rows.dtype.byteorder == ">":
+        return running_sum_(rows)
+    words = rows.view(np.dtype("<u8"))  # element i of a word in its bits [i * bits, (i + 1) * bits)
+    spread = np.uint64(sum(1 << (bits * lane) for lane in range(lanes)))
+    last = np.uint64(64 - bits)
+    for start in range(0, n, _SUM_CHUNK_ROWS):
+        chunk = words[start:start + _SUM_CHUNK_ROWS]
+        shift = bits
+        while shift < 64:
+            chunk += chunk << np.uint64(shift)
+            shift *= 2
+        carry = np.empty(chunk.shape[0], dtype=np.uint64)
+        for j in range(1, chunk.shape[1]):
+            np.right_shift(chunk[:, j - 1], last, out=carry)
+            np.multiply(carry, spread, out=carry)
+            np.add(chunk[:, j], carry, out=chunk[:, j])
+    return rows
 
 
 def to_planes(rows: np.ndarray) -> np.ndarray:
@@ -113,5 +144,6 @@ def encode_id_rows(ids: np.ndarray) -> np.ndarray:
 
 
 def decode_id_rows(data: np.ndarray, dtype: np.dtype | str, k: int) -> np.ndarray:
-    """Inverse of :func:`encode_id_rows`."""
-    return running_sum_(from_planes(data, dtype, k))
+    """Inverse of :func:`encode_id_rows`, for rows of ascending (or non-decreasing) ids, as
+    format 4 stores them; other rows come back as :func:`running_sum_` would not give them."""
+    return ascending_sum_(from_planes(data, dtype, k))

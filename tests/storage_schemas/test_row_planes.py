@@ -4,9 +4,11 @@ from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
 from logitcache.storage_schemas.row_planes import (
+    ascending_sum_,
     decode_id_rows,
     encode_id_rows,
     from_planes,
+    gaps_of,
     running_sum_,
     to_planes,
 )
@@ -28,12 +30,34 @@ def test_planes_round_trip_any_type(rows):
 @settings(deadline=None)
 @given(st.sampled_from([np.uint8, np.uint16, np.uint32]), st.integers(0, 20), st.integers(1, 70), st.booleans(),
        st.integers(0, 2**32 - 1))
-def test_id_rows_round_trip_sorted_or_not(dtype, n, k, ascending, seed):
+def test_id_rows_round_trip(dtype, n, k, distinct, seed):
+    # ascending rows (distinct ids, top-k) or non-decreasing ones (repeated draws), up to the
+    # type's largest id, at widths that fill 64-bit words and widths that do not
     rng = np.random.default_rng(seed)
-    ids = rng.integers(0, np.iinfo(dtype).max, size=(n, k), endpoint=True).astype(dtype)
-    if ascending:
-        ids = np.sort(ids, axis=1)
+    top = int(np.iinfo(dtype).max)
+    if distinct and k <= top + 1:
+        ids = np.stack([np.sort(rng.choice(top + 1, k, replace=False)) for _ in range(n)]) if n else np.zeros((0, k))
+    else:
+        ids = np.sort(rng.integers(0, top, size=(n, k), endpoint=True), axis=1)
+    ids = ids.astype(dtype)
     assert np.array_equal(decode_id_rows(encode_id_rows(ids), dtype, k), ids)
+
+
+@settings(deadline=None)
+@given(st.sampled_from([np.uint8, np.uint16, np.uint32]), st.integers(0, 20), st.integers(1, 70),
+       st.integers(0, 2**32 - 1))
+def test_running_sum_undoes_gaps_of_rows_in_any_order(dtype, n, k, seed):
+    rng = np.random.default_rng(seed)
+    rows = rng.integers(0, np.iinfo(dtype).max, size=(n, k), endpoint=True).astype(dtype)
+    assert np.array_equal(running_sum_(gaps_of(rows)), rows)
+
+
+def test_ascending_sum_equals_the_wrapping_sum_across_words_and_chunks():
+    rng = np.random.default_rng(3)
+    ids = np.sort(np.stack([rng.choice(65_536, 64, replace=False) for _ in range(9000)]), axis=1).astype(np.uint16)
+    gaps = gaps_of(ids)
+    assert np.array_equal(ascending_sum_(gaps.copy()), running_sum_(gaps.copy()))
+    assert np.array_equal(ascending_sum_(gaps.copy()), ids)
 
 
 def test_planes_put_each_byte_of_a_row_together():
