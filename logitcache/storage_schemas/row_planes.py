@@ -117,13 +117,14 @@ def to_planes(rows: np.ndarray) -> np.ndarray:
 
 
 def from_planes(data: np.ndarray, dtype: np.dtype | str, k: int) -> np.ndarray:
-    """Inverse of :func:`to_planes`: ``[n, W * k]`` (or flat) bytes to ``[n, k]`` of ``dtype``."""
+    """Inverse of :func:`to_planes`: ``[n, W * k]`` (or flat) bytes to ``[n, k]`` of ``dtype``.
+    One-byte elements come back as a view of ``data`` (a row of one plane is the row itself)."""
     dtype = np.dtype(dtype)
     width = dtype.itemsize
     data = np.asarray(data, dtype=np.uint8).reshape(-1, width * k)
     n = data.shape[0]
     if width == 1:
-        return data.copy().view(dtype)
+        return data.view(dtype)
     out = np.empty((n, k), dtype=_unsigned(width))
     for start in range(0, n, _SUM_CHUNK_ROWS):
         planes = data[start:start + _SUM_CHUNK_ROWS]
@@ -146,4 +147,5 @@ def encode_id_rows(ids: np.ndarray) -> np.ndarray:
 def decode_id_rows(data: np.ndarray, dtype: np.dtype | str, k: int) -> np.ndarray:
     """Inverse of :func:`encode_id_rows`, for rows of ascending (or non-decreasing) ids, as
     format 4 stores them; other rows come back as :func:`running_sum_` would not give them."""
-    return ascending_sum_(from_planes(data, dtype, k))
+    rows = from_planes(data, dtype, k)
+    return ascending_sum_(rows if np.dtype(dtype).itemsize > 1 else rows.copy())  # a view: summed in a copy

@@ -74,3 +74,15 @@ def test_ascending_ids_become_small_gaps():
 def test_running_sum_crosses_chunks():
     rows = np.random.default_rng(0).integers(0, 9, size=(10_000, 5)).astype(np.uint16)
     assert np.array_equal(running_sum_(rows.copy()), np.cumsum(rows, axis=1, dtype=np.uint16))
+
+
+def test_read_only_bytes_decode_without_being_written():
+    # shards are memory-mapped read-only: decoding must not write into their bytes
+    for dtype in (np.uint8, np.uint16):
+        ids = np.array([[1, 5, 9, 200], [0, 2, 3, 4]], dtype=dtype)
+        data = encode_id_rows(ids).copy()
+        data.flags.writeable = False
+        before = data.copy()
+        assert np.array_equal(decode_id_rows(data, dtype, 4), ids)
+        assert np.array_equal(data, before)
+        assert np.array_equal(from_planes(data, dtype, 4), gaps_of(ids))
