@@ -118,7 +118,7 @@ DEFAULT_TOKENS = 131_072
 QUICK_TOKENS = 4_096
 BREAKDOWN = (32_000, 64)  # (vocab, k) of the read-time breakdown
 BREAKDOWN_CODECS = ("float16", "q8")
-TARGET_BYTES_K64 = 80.0
+TARGET_BYTES_K64 = 80.0  # synthetic ids, which carry more information than a trained teacher's
 TARGET_DECODE_TOKENS_S = 3e6
 #: format 4's size targets on real teacher outputs, B/labelled position of a Parquet shard at
 #: the default compression: (kind, k or draws, value codec or "") -> at most
@@ -799,8 +799,7 @@ def render_synthetic(synthetic: Synthetic, *, tokens: int, repeats: int) -> list
     if naive:
         out.append("- naive Parquet (uint16/uint32 ids + float16 values, zstd), k=64: "
                    + ", ".join(f"{r.bytes_per_token:.1f} B/token at {r.vocab // 1000}k vocab"
-                               for r in naive)
-                   + " (the issue quotes about 197).")
+                               for r in naive) + ".")
     for vocab in sorted({r.vocab for r in rows}):
         cells = [r for r in rows if r.vocab == vocab and r.k == 64 and r.backend != "naive parquet"]
         if not cells:

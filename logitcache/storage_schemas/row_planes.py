@@ -24,6 +24,7 @@ guarantees, rows in ascending id order, whose running sums are their ids and nev
 from __future__ import annotations
 
 import numpy as np
+import pyarrow as pa
 
 #: rows per pass of the running sum and of the plane transforms: 4096 x k elements (512 KiB
 #: of uint16 at k = 64) stay in the CPU cache across the passes over them, instead of
@@ -57,6 +58,17 @@ def running_sum_(rows: np.ndarray) -> np.ndarray:
         for j in range(1, k):
             np.add(chunk[:, j - 1], chunk[:, j], out=chunk[:, j])
     return rows
+
+
+def pooled_empty(shape: tuple[int, int], dtype: np.dtype) -> np.ndarray:
+    """An uninitialised writable array in Arrow's memory pool rather than from ``malloc``.
+
+    A decoded block is tens of MB; glibc serves that from fresh ``mmap`` pages every time
+    (a page fault per 4 KiB on first write), where Arrow's pool keeps freed memory for the
+    next block, which the reader asks for at once."""
+    count = int(np.prod(shape))
+    buffer = pa.allocate_buffer(max(count * np.dtype(dtype).itemsize, 1))
+    return np.frombuffer(buffer, dtype=dtype, count=count).reshape(shape)
 
 
 def _unsigned(width: int) -> np.dtype:
@@ -125,7 +137,7 @@ def from_planes(data: np.ndarray, dtype: np.dtype | str, k: int) -> np.ndarray:
     n = data.shape[0]
     if width == 1:
         return data.view(dtype)
-    out = np.empty((n, k), dtype=_unsigned(width))
+    out = pooled_empty((n, k), _unsigned(width))
     for start in range(0, n, _SUM_CHUNK_ROWS):
         planes = data[start:start + _SUM_CHUNK_ROWS]
         target = out[start:start + _SUM_CHUNK_ROWS]
