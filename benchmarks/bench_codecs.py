@@ -287,6 +287,17 @@ def timed_read(reader: CacheReader, entry: ShardEntry) -> tuple[float, float, Re
     return elapsed, (elapsed - (read_done - started)) / elapsed, block, decoded
 
 
+def best_write(source: Source, template: Manifest, cache: Path, repeats: int) -> tuple[float, ShardEntry, RecordBlock]:
+    """:func:`timed_write` into ``cache``, the best time of ``repeats`` writes (the others into
+    copies, removed); the cache of the first write stays."""
+    write_s, entry, written = timed_write(source, template, cache)
+    for rep in range(1, repeats):
+        again = cache.with_name(f"{cache.name}-{rep}")
+        write_s = min(write_s, timed_write(source, template, again)[0])
+        shutil.rmtree(again)
+    return write_s, entry, written
+
+
 def measure(source: Source, codec: str, backend: str, workdir: Path, repeats: int,
             compression: str = "zstd") -> tuple[Row, np.ndarray | None]:
     """One (codec, backend, compression) setting of ``source``; also returns the decoded log-probs."""
@@ -294,11 +305,7 @@ def measure(source: Source, codec: str, backend: str, workdir: Path, repeats: in
     template = make_template(layout, backend, compression)
     setting = f"{source.name} {backend}/{compression}/{codec}/k={layout.k}"
     cache = workdir / f"{backend}-{compression}-{codec}-{layout.k}"
-    write_s, entry, written = timed_write(source, template, cache)
-    for rep in range(1, repeats):
-        again = workdir / f"{backend}-{compression}-{codec}-{layout.k}-{rep}"
-        write_s = min(write_s, timed_write(source, template, again)[0])
-        shutil.rmtree(again)
+    write_s, entry, written = best_write(source, template, cache, repeats)
     reader = CacheReader(str(cache))
     read_s, decode_share, block, decoded = min((timed_read(reader, entry) for _ in range(repeats)),
                                                key=lambda read: read[0])
@@ -563,11 +570,7 @@ def level_sweep(source: Source, workdir: Path, repeats: int) -> list[dict[str, f
             template = make_template(layout, "parquet", "zstd")
             template.storage["compression_level"] = level
             cache = workdir / f"level-{codec}-{level}"
-            write_s, entry, _ = timed_write(source, template, cache)
-            for rep in range(1, repeats):
-                again = workdir / f"level-{codec}-{level}-{rep}"
-                write_s = min(write_s, timed_write(source, template, again)[0])
-                shutil.rmtree(again)
+            write_s, entry, _ = best_write(source, template, cache, repeats)
             reader = CacheReader(str(cache))
             read_s = _best(lambda reader=reader, entry=entry: reader.read_shard(entry), repeats)
             ids, values, _, _ = split_bytes(column_bytes(cache, entry, "parquet"), entry.bytes)

@@ -92,13 +92,14 @@ def ascending_sum_(rows: np.ndarray) -> np.ndarray:
     words = rows.view(np.dtype("<u8"))  # element i of a word in its bits [i * bits, (i + 1) * bits)
     spread = np.uint64(sum(1 << (bits * lane) for lane in range(lanes)))
     last = np.uint64(64 - bits)
+    scratch = np.empty(min(n, _SUM_CHUNK_ROWS), dtype=np.uint64)
     for start in range(0, n, _SUM_CHUNK_ROWS):
         chunk = words[start:start + _SUM_CHUNK_ROWS]
         shift = bits
         while shift < 64:
             chunk += chunk << np.uint64(shift)
             shift *= 2
-        carry = np.empty(chunk.shape[0], dtype=np.uint64)
+        carry = scratch[:len(chunk)]
         for j in range(1, chunk.shape[1]):
             np.right_shift(chunk[:, j - 1], last, out=carry)
             np.multiply(carry, spread, out=carry)
@@ -138,11 +139,12 @@ def from_planes(data: np.ndarray, dtype: np.dtype | str, k: int) -> np.ndarray:
     if width == 1:
         return data.view(dtype)
     out = pooled_empty((n, k), _unsigned(width))
+    scratch = np.empty((min(n, _SUM_CHUNK_ROWS), k), dtype=out.dtype)
     for start in range(0, n, _SUM_CHUNK_ROWS):
         planes = data[start:start + _SUM_CHUNK_ROWS]
         target = out[start:start + _SUM_CHUNK_ROWS]
         np.copyto(target, planes[:, :k])
-        byte = np.empty_like(target)
+        byte = scratch[:len(target)]
         for w in range(1, width):
             np.copyto(byte, planes[:, w * k:(w + 1) * k])
             np.left_shift(byte, 8 * w, out=byte)
@@ -158,6 +160,7 @@ def encode_id_rows(ids: np.ndarray) -> np.ndarray:
 
 def decode_id_rows(data: np.ndarray, dtype: np.dtype | str, k: int) -> np.ndarray:
     """Inverse of :func:`encode_id_rows`, for rows of ascending (or non-decreasing) ids, as
-    format 4 stores them; other rows come back as :func:`running_sum_` would not give them."""
+    format 4 stores them: the gaps of other rows may sum past the element type, which
+    :func:`ascending_sum_` does not wrap (use :func:`running_sum_` for those)."""
     rows = from_planes(data, dtype, k)
     return ascending_sum_(rows if np.dtype(dtype).itemsize > 1 else rows.copy())  # a view: summed in a copy

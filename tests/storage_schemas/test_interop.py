@@ -111,7 +111,6 @@ def run_recipe(cache: Path, tmp_path: Path, monkeypatch, *, engines: bool) -> di
         recipe = dict(namespace)
         exec(compile(ENGINES, "README.md engines", "exec"), namespace)
         assert np.array_equal(namespace["ids"], recipe["ids"] if recipe["k"] else recipe["draws"])
-        namespace.update({key: recipe[key] for key in ("ids",) if key in recipe})
     return namespace
 
 
