@@ -46,8 +46,39 @@ class LogitcacheGroup(click.Group):
         try:
             return super().invoke(ctx)
         except LogitcacheError as exc:
-            click.echo(f"error: {exc}", err=True)
+            if ctx.meta.get(_JSON_META):
+                _print_json(error_object(exc))
+            else:
+                click.echo(f"error: {exc}", err=True)
             ctx.exit(exc.exit_code)
+        except click.ClickException as exc:  # usage errors of a command asked for --json
+            if not ctx.meta.get(_JSON_META):
+                raise
+            _print_json({"error": {"type": "UsageError", "message": exc.format_message(), "exit_code": exc.exit_code}})
+            ctx.exit(exc.exit_code)
+
+
+_JSON_META = "logitcache.json"
+
+
+def error_object(exc: LogitcacheError) -> dict[str, Any]:
+    """What ``--json`` prints for a deliberate error: its type, message and exit code, and
+    what the error adds (a build with failed units: its summary with the failed list)."""
+    return {"error": {"type": type(exc).__name__, "message": str(exc), "exit_code": exc.exit_code},
+            **exc.details()}
+
+
+def json_option(help_text: str):
+    """``--json``: print the command's result, and any error, as one JSON object on stdout."""
+
+    def remember(ctx: click.Context, _param: click.Parameter, value: bool) -> bool:
+        if value:
+            ctx.meta[_JSON_META] = True
+        return value
+
+    return click.option("--json", "as_json", is_flag=True, is_eager=True, expose_value=True, callback=remember,
+                        help=f"{help_text} Errors too are printed as a JSON object: "
+                             '{"error": {"type", "message", "exit_code"}}.')
 
 
 def config_options(command):
@@ -82,7 +113,7 @@ def main() -> None:
 
 @main.command()
 @click.argument("cache", metavar="CACHE")
-@click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
+@json_option("Print the summary as JSON.")
 def inspect(cache: str, as_json: bool) -> None:
     """Summarise a cache and decode one example.
 
@@ -97,7 +128,7 @@ def inspect(cache: str, as_json: bool) -> None:
 @main.command()
 @click.argument("cache", metavar="CACHE")
 @click.option("--deep", is_flag=True, help="Also decode every block and recount its contents.")
-@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+@json_option("Print the report as JSON.")
 @click.pass_context
 def verify(ctx: click.Context, cache: str, deep: bool, as_json: bool) -> None:
     """Check every shard of a cache against its manifest.
@@ -125,7 +156,7 @@ def verify(ctx: click.Context, cache: str, deep: bool, as_json: bool) -> None:
 @click.option("--row-group-tokens", type=click.IntRange(min=1), help="Parquet row groups of about this many tokens.")
 @click.option("--chunk-tokens", type=click.IntRange(min=1), help="Zarr inner chunks of this many tokens.")
 @click.option("--overwrite", is_flag=True, help="Discard an existing cache at DEST first.")
-@click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
+@json_option("Print the summary as JSON.")
 @click.option("--no-progress", is_flag=True, help="Do not draw a progress bar.")
 def repack(source: str, dest: str, backend: str | None, compression: str | None, compression_level: int | None,
            row_group_tokens: int | None, chunk_tokens: int | None, overwrite: bool, as_json: bool,
@@ -155,7 +186,7 @@ def repack(source: str, dest: str, backend: str | None, compression: str | None,
 @click.option("--overwrite", is_flag=True, help="Discard an existing cache at the configured path first.")
 @click.option("--repair", is_flag=True, help="First check every committed shard (as `logitcache verify` does) "
               "and build the units of damaged or missing ones again.")
-@click.option("--json", "as_json", is_flag=True, help="Print the build summary as JSON.")
+@json_option("Print the build summary as JSON.")
 @click.option("--no-progress", is_flag=True, help="Do not draw a progress bar.")
 def build(config: str, overrides: tuple[str, ...], overwrite: bool, repair: bool, as_json: bool,
           no_progress: bool) -> None:
@@ -181,9 +212,36 @@ def build(config: str, overrides: tuple[str, ...], overwrite: bool, repair: bool
 
 @main.command()
 @config_options
+@json_option("Print the plan as JSON.")
+@click.option("--no-progress", is_flag=True, help="Do not draw a progress bar.")
+@click.pass_context
+def plan(ctx: click.Context, config: str, overrides: tuple[str, ...], as_json: bool, no_progress: bool) -> None:
+    """What `logitcache build CONFIG` would do now, without loading the teacher.
+
+    Reads the corpus as the build does and lists the work units a build would label (whole,
+    or only rows appended to a source since its last unit was committed), skip as committed,
+    or refuse because committed rows changed, with the tokens, shard bytes and time it would
+    take at the rates of the cache's committed shards and last build. A teacher whose weights
+    changed under the same path is only caught by the build itself.
+
+    Exits 0 when a build has work to do, 3 when the cache is up to date (nothing to do),
+    1 when a build would be refused, 2 for a bad config. For example, in a scheduled job:
+
+        logitcache plan job.yaml; [ $? -eq 0 ] && logitcache build job.yaml
+    """
+    from logitcache.config import load_config
+    from logitcache.stages.plan_build import plan_build
+
+    result = plan_build(load_config(config, overrides), progress=not no_progress)
+    _print_result(as_json, result.to_dict, result.to_text)
+    ctx.exit(result.exit_code)
+
+
+@main.command()
+@config_options
 @click.option("--resume/--no-resume", default=True, show_default=True,
               help="Continue from the newest checkpoint under train.output, or start afresh.")
-@click.option("--json", "as_json", is_flag=True, help="Print the training summary as JSON.")
+@json_option("Print the training summary as JSON.")
 @click.option("--no-progress", is_flag=True, help="Do not draw progress bars.")
 def train(config: str, overrides: tuple[str, ...], resume: bool, as_json: bool, no_progress: bool) -> None:
     """Stage two: train every student of CONFIG from the cache, reading each batch once.
@@ -232,7 +290,7 @@ def _model_option(value: str) -> tuple[str, str]:
               help="Also evaluate this pretrained model directory (or hub name) as it is (repeatable).")
 @click.option("--report", "report", type=click.Path(file_okay=False),
               help="Write the report here (default: the first CONFIG's eval.report, or <train.output>/report).")
-@click.option("--json", "as_json", is_flag=True, help="Print the evaluation as JSON.")
+@json_option("Print the evaluation as JSON.")
 @click.option("--no-progress", is_flag=True, help="Do not draw a progress bar.")
 def evaluate(configs: tuple[str, ...], overrides: tuple[str, ...], models: tuple[str, ...], report: str | None,
              as_json: bool, no_progress: bool) -> None:
@@ -265,7 +323,7 @@ def evaluate(configs: tuple[str, ...], overrides: tuple[str, ...], models: tuple
 @click.option("--set", "overrides", multiple=True, metavar="KEY.PATH=VALUE",
               help="Override a config field, e.g. --set train.steps=50 (repeatable).")
 @click.option("--overwrite", is_flag=True, help="Rebuild the cache and retrain the students from scratch.")
-@click.option("--json", "as_json", is_flag=True, help="Print the run summary as JSON at the end.")
+@json_option("Print the run summary as JSON at the end.")
 @click.option("--no-progress", is_flag=True, help="Do not draw progress bars.")
 @click.option("--print-config", is_flag=True,
               help="Print the job's whole config as YAML (without CONFIG: the embedded default) and exit, "

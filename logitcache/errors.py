@@ -14,6 +14,10 @@ class LogitcacheError(Exception):
 
     exit_code = 1
 
+    def details(self) -> dict:
+        """What a machine-readable report of this error adds to its type and message."""
+        return {}
+
 
 class ConfigError(LogitcacheError, ValueError):
     """A configuration (YAML file, --set override or constructor argument) is invalid."""

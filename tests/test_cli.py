@@ -163,6 +163,36 @@ def test_error_mapping_uses_the_exit_code_of_the_error():
     assert isinstance(main, click.Group)
 
 
+@pytest.mark.parametrize("command", ["inspect", "verify"])
+def test_under_json_an_error_is_a_json_object_on_stdout(tmp_path, command):
+    result = CliRunner().invoke(main, [command, str(tmp_path), "--json"])
+    assert result.exit_code == 2
+    error = json.loads(result.stdout)["error"]
+    assert error["type"] == "CacheFormatError" and error["exit_code"] == 2
+    assert "not a logitcache cache" in error["message"]
+    missing = CliRunner().invoke(main, [command, "--json"])  # a usage error after --json is known
+    assert missing.exit_code == 2 and json.loads(missing.stdout)["error"]["type"] == "UsageError"
+
+
+def test_under_json_a_build_with_failed_units_prints_its_summary(tmp_path, monkeypatch):
+    from logitcache.stages import build_cache as build_stage
+
+    def failing_build(cfg, **kwargs):
+        summary = build_stage.BuildSummary(cache=cfg.cache, units_built=3,
+                                           failed_units={"ab12-00004": "data/x.jsonl rows 40-49: teacher OOM"})
+        raise build_stage.BuildIncompleteError(summary)
+
+    monkeypatch.setattr(build_stage, "build_cache", failing_build)
+    config = tmp_path / "job.yaml"
+    config.write_text(f"cache: {tmp_path / 'cache'}\ncorpus: {{data_files: [x.jsonl]}}\nteacher: {{model: t}}\n")
+    result = CliRunner().invoke(main, ["build", str(config), "--json", "--no-progress"])
+    assert result.exit_code == 1
+    out = json.loads(result.stdout)
+    assert out["error"]["type"] == "BuildIncompleteError" and "ab12-00004" in out["error"]["message"]
+    assert out["summary"]["failed_units"] == {"ab12-00004": "data/x.jsonl rows 40-49: teacher OOM"}
+    assert out["summary"]["units_built"] == 3
+
+
 def test_inspect_a_corrupt_cache_still_summarises(cache):
     for shard in json.loads((cache / "manifest.json").read_text())["shards"]:
         (cache / shard["path"]).write_bytes(b"garbage")

@@ -11,8 +11,9 @@ The recipe, top to bottom:
    storage settings; a cache built with another configuration is refused (``overwrite``
    starts afresh);
 3. stream the corpus as deterministic work units on this process (the driver); a unit already
-   committed is skipped (its documents must still hash to what was committed), every other
-   unit goes to the executor, which cuts it into windows and labels it with the teacher; each
+   committed is skipped (its documents must still hash to what was committed), a unit whose
+   source has grown by appended rows since it was committed builds only those rows
+   (``pipeline/common/unit_plan``), every other unit goes to the executor, which cuts it into windows and labels it with the teacher; each
    labelled unit is committed here, as one shard, on a background thread while the next
    units run. Only the driver writes the manifest;
 4. record the build's statistics (tokens/s, padding, entropy per language) in the manifest,
@@ -46,6 +47,7 @@ from logitcache.pipeline.common.corpus import (
     iter_work_units,
     resolve_sources,
 )
+from logitcache.pipeline.common.unit_plan import committed_parts, decide_units
 from logitcache.pipeline.distill.advice import config_warnings
 from logitcache.storage_schemas.id_codec import id_type_for_vocab
 from logitcache.storage_schemas.layout import RecordLayout
@@ -66,6 +68,7 @@ class BuildSummary:
     cache: str
     units_built: int = 0
     units_skipped: int = 0
+    units_appended: int = 0  # of units_built: the rows appended to a unit committed while its source was shorter
     records: int = 0
     tokens: int = 0
     positions: int = 0
@@ -90,6 +93,7 @@ class BuildSummary:
     def to_dict(self) -> dict[str, Any]:
         return {
             "cache": self.cache, "units_built": self.units_built, "units_skipped": self.units_skipped,
+            "units_appended": self.units_appended,
             "records": self.records, "tokens": self.tokens, "positions": self.positions,
             "bytes": self.bytes, "bytes_per_position": round(self.bytes / self.positions, 2) if self.positions else None,
             "seconds": round(self.seconds, 3), "tokens_per_second": round(self.tokens_per_second, 1),
@@ -107,6 +111,9 @@ class BuildSummary:
                     f"{self.records:,} records, {self.tokens:,} tokens in {self.seconds:.1f} s "
                     f"({self.tokens_per_second:,.0f} tokens/s, padding {self.padding_fraction:.1%})")
         lines = [head]
+        if self.units_appended:
+            lines.append(f"  {self.units_appended} of them: only the rows appended to a source since its last "
+                         "unit was committed")
         if self.repaired_units:
             lines.append(f"  repaired: {len(self.repaired_units)} damaged or missing shard(s) taken out and their "
                          f"unit(s) built again: {', '.join(sorted(self.repaired_units))}")
@@ -135,6 +142,9 @@ class BuildIncompleteError(LogitcacheError):
                  "to build only what is left:"]
         lines += [f"  {unit_id}: {why}" for unit_id, why in sorted(failed.items())]
         super().__init__("\n".join(lines))
+
+    def details(self) -> dict[str, Any]:
+        return {"summary": self.summary.to_dict()}
 
 
 def record_layout(cfg: JobConfig, teacher: TeacherFacts) -> RecordLayout:
@@ -189,16 +199,6 @@ def unit_task(cfg: JobConfig, teacher: TeacherFacts, layout: RecordLayout) -> Un
                     batch_tokens=cfg.teacher.batch_tokens, seed=cfg.soft_labels.seed, teacher_digest=teacher.digest)
 
 
-def _check_unchanged(entry: ShardEntry, fingerprint: str, unit_id: str, source: str) -> None:
-    committed = entry.stats.get("unit_fingerprint")
-    if committed is not None and committed != fingerprint:
-        raise IncompatibleCacheError(
-            f"work unit {unit_id} ({source}) was committed from different documents than the corpus "
-            "holds now: a source file changed after it was built. Restore the file, add new data as "
-            "new files instead, or rebuild with --overwrite"
-        )
-
-
 def _count(counts: dict[str, int], more: dict[str, int]) -> None:
     for reason, n in more.items():
         counts[reason] = counts.get(reason, 0) + n
@@ -246,7 +246,7 @@ def build_cache(cfg: JobConfig, *, overwrite: bool = False, repair: bool = False
         writer = ShardWriter(cfg.cache, template=manifest_template(cfg, teacher, layout), overwrite=overwrite)
         if repair and writer.committed_units:
             summary.repaired_units = _forget_damaged(writer, cfg.cache)
-        committed = {unit_id: writer.manifest.shard_for_unit(unit_id) for unit_id in writer.committed_units}
+        committed = committed_parts(writer.manifest.shards) if writer.committed_units else {}
         task = unit_task(cfg, teacher, layout)
         bar = stack.enter_context(tqdm(desc="build", unit=" unit", total=estimate_units(cfg.corpus) if progress else None,
                                        disable=not progress, dynamic_ncols=True))
@@ -256,15 +256,17 @@ def build_cache(cfg: JobConfig, *, overwrite: bool = False, repair: bool = False
 
         def units_to_build() -> Iterator[WorkUnit]:
             nonlocal units_seen
-            for unit in iter_work_units(cfg.corpus):
+            for decision in decide_units(iter_work_units(cfg.corpus), committed):
                 units_seen += 1
-                _count(summary.skipped_documents, unit.skipped)
-                if unit.unit_id in committed:
-                    _check_unchanged(committed[unit.unit_id], unit.fingerprint, unit.unit_id, unit.source)
+                _count(summary.skipped_documents, decision.unit.skipped)
+                if decision.action == "refuse":
+                    raise IncompatibleCacheError(decision.reason)
+                if decision.action == "skip":
                     summary.units_skipped += 1
                     bar.update(1)
                     continue
-                yield unit
+                summary.units_appended += decision.appended
+                yield decision.todo
 
         def on_commit(entry: ShardEntry) -> None:
             summary.bytes += entry.bytes
@@ -284,6 +286,7 @@ def build_cache(cfg: JobConfig, *, overwrite: bool = False, repair: bool = False
                 committer.submit(labelled.block, unit_id=unit.unit_id, stats={
                     **stats, "unit_fingerprint": unit.fingerprint, "source": unit.source,
                     "first_row": unit.first_row, "num_rows": unit.num_rows, "skipped_documents": unit.skipped,
+                    "documents": unit.num_documents, "text_bytes": unit.text_bytes,
                     "labelled_by": f"{labelled.host}:{labelled.pid}",
                 })
                 summary.units_built += 1

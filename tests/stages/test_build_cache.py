@@ -161,6 +161,33 @@ def test_grown_corpus_builds_only_new_units(tmp_path, multilingual_texts, tiny_c
     assert {k: after[k] for k in before} == before and len(after) == 5
 
 
+def test_rows_appended_to_a_file_build_only_the_new_rows(tmp_path, multilingual_texts, tiny_causal_lm_dir):
+    corpus = tmp_path / "corpus"
+    fixtures_models.write_corpus(corpus, multilingual_texts[:24], parts=1)
+    cfg = job(tmp_path / "cache", corpus, tiny_causal_lm_dir)
+    assert build_cache(cfg, progress=False).units_built == 3  # rows 0-9, 10-19, 20-23
+    before = {e.unit_id: e.sha256 for e in CacheReader(str(tmp_path / "cache")).shards}
+    with open(corpus / "part-0.jsonl", "a", encoding="utf-8") as stream:
+        stream.writelines(json.dumps(d, ensure_ascii=False) + "\n" for d in multilingual_texts[24:33])
+    grown = build_cache(cfg, progress=False)
+    assert (grown.units_skipped, grown.units_built, grown.units_appended) == (2, 2, 1)
+    assert "appended" in grown.to_text()
+    reader, block = read_all(tmp_path / "cache")
+    after = {e.unit_id: e for e in reader.shards}
+    assert {k: after[k].sha256 for k in before} == before
+    appended = [e for e in after.values() if e.unit_id not in before]
+    assert sorted((e.stats["first_row"], e.stats["num_rows"]) for e in appended) == [(24, 6), (30, 3)]
+    assert build_cache(cfg, progress=False).units_built == 0
+
+    fresh_cfg = job(tmp_path / "fresh", corpus, tiny_causal_lm_dir)
+    build_cache(fresh_cfg, progress=False)
+    grown_block, fresh_block = sorted_by_record(block), sorted_by_record(read_all(tmp_path / "fresh")[1])
+    assert np.array_equal(grown_block.record_id, fresh_block.record_id)
+    assert np.array_equal(grown_block.input_ids, fresh_block.input_ids)
+    assert np.array_equal(grown_block.topk_ids, fresh_block.topk_ids)
+    np.testing.assert_allclose(grown_block.topk_logprobs, fresh_block.topk_logprobs, atol=1e-5)
+
+
 def test_changed_source_under_a_committed_unit_is_refused(tmp_path, multilingual_texts, tiny_causal_lm_dir):
     corpus = tmp_path / "corpus"
     fixtures_models.write_corpus(corpus, multilingual_texts[:20], parts=1)

@@ -12,6 +12,9 @@ source, counting rows that are skipped: the boundaries depend only on row number
 skip decisions or on the other files. A corpus that grows by new files only adds
 units with new ids (the id starts with a hash of the source), and each unit carries a
 fingerprint of its content, so a re-run can tell that a file changed under a committed unit.
+A file that grows by appended rows keeps its unit boundaries: its last unit, committed while
+it was short, is completed by a *part* of that unit over the new rows only
+(:meth:`WorkUnit.rows`, :func:`part_id`), so the committed rows are never labelled again.
 
 Error policy. Problems of the corpus as a whole (a pattern that matches nothing, an unknown
 file type, a configured column that a file does not have) are always a
@@ -38,8 +41,9 @@ import json
 import math
 import os
 import posixpath
+from collections import Counter
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
 import fsspec
@@ -48,7 +52,8 @@ from fsspec.implementations.local import LocalFileSystem
 from logitcache.config import CorpusConfig
 from logitcache.errors import CorpusError, LogitcacheError
 
-__all__ = ["Document", "WorkUnit", "resolve_sources", "iter_work_units", "iter_source_units", "describe_corpus"]
+__all__ = ["Document", "WorkUnit", "resolve_sources", "iter_work_units", "iter_source_units", "describe_corpus",
+           "part_id", "whole_unit_id"]
 
 LOADERS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv", ".txt": "text"}
 COMPRESSIONS = (".gz", ".bz2", ".xz", ".zst", ".lz4")
@@ -81,6 +86,37 @@ class WorkUnit:
     documents: list[Document]
     skipped: dict[str, int]  # reason -> count
     fingerprint: str  # sha256 over the kept documents and the skip counts
+    skipped_rows: dict[int, str] = field(default_factory=dict, repr=False)  # row -> skip reason
+    text_bytes: int = 0  # UTF-8 bytes of the kept documents' texts
+
+    @property
+    def num_documents(self) -> int:
+        return len(self.documents)
+
+    def rows(self, start: int, stop: int) -> WorkUnit:
+        """The part of this unit over source rows ``[start, stop)`` as a unit of its own, with
+        its own fingerprint: rows appended to a source after part of a unit was committed are
+        built as such a part (see :func:`part_id`)."""
+        if not self.first_row <= start <= stop <= self.first_row + self.num_rows:
+            raise ValueError(f"rows {start}-{stop} are not within unit {self.unit_id} "
+                             f"(rows {self.first_row}-{self.first_row + self.num_rows})")
+        skipped_rows = {row: why for row, why in self.skipped_rows.items() if start <= row < stop}
+        part = WorkUnit(unit_id=part_id(self.unit_id, first_row=start, unit_first_row=self.first_row),
+                        source=self.source, index=self.index, first_row=start, num_rows=stop - start,
+                        documents=[doc for doc in self.documents if start <= doc.row < stop],
+                        skipped=dict(Counter(skipped_rows.values())), fingerprint="", skipped_rows=skipped_rows)
+        return _finish(part)
+
+
+def part_id(unit_id: str, *, first_row: int, unit_first_row: int) -> str:
+    """The id of the part of unit ``unit_id`` that starts at source row ``first_row``: the unit's
+    own id for a part that starts where the unit does, else ``<unit id>.r<first row>``."""
+    return unit_id if first_row == unit_first_row else f"{unit_id}.r{first_row}"
+
+
+def whole_unit_id(unit_id: str) -> str:
+    """The id of the unit a part (:func:`part_id`) belongs to."""
+    return unit_id.split(".r", 1)[0]
 
 
 class _Bad(NamedTuple):
@@ -414,6 +450,7 @@ def _fingerprint(documents: list[Document], skipped: dict[str, int]) -> str:
 def _finish(unit: WorkUnit) -> WorkUnit:
     unit.skipped = dict(sorted(unit.skipped.items()))
     unit.fingerprint = _fingerprint(unit.documents, unit.skipped)
+    unit.text_bytes = sum(len(doc.text.encode("utf-8", "surrogatepass")) for doc in unit.documents)
     return unit
 
 
@@ -441,6 +478,7 @@ def iter_source_units(cfg: CorpusConfig, source: str) -> Iterator[WorkUnit]:
         if reason != "empty" and cfg.on_bad_document == "error":
             raise CorpusError(f"{source}, row {row} (counting from 0): {detail}; fix the data {_SKIP_HINT}")
         unit.skipped[reason] = unit.skipped.get(reason, 0) + 1
+        unit.skipped_rows[row] = reason
     if unit is not None:
         yield _finish(unit)
 
