@@ -13,7 +13,9 @@ with ``from_pretrained``. Before any training it is checked against the cache:
   tokens (same tokenizer) or its own text column (any tokenizer, see ``text_column``).
 
 Running a causal-LM student returns final hidden states, not logits: the loss applies the
-LM head a chunk of positions at a time, so ``[B, L, V]`` logits never exist for a batch.
+LM head a chunk of positions at a time, so ``[B, L, V]`` logits never exist for a batch. Its
+rows are packed; a probe at build time makes sure no record attends to another (see
+:mod:`~logitcache.pipeline.distill.packed_attention`).
 """
 
 from __future__ import annotations
@@ -41,6 +43,7 @@ from logitcache.pipeline.common.hf_models import (
     source_problem,
     tokenizer_fingerprints,
 )
+from logitcache.pipeline.distill.packed_attention import choose_packing_mask, packed_forward
 from logitcache.storage_schemas.manifest import Manifest
 
 #: Logit given to the teacher-width columns a narrower student head lacks (padding rows).
@@ -60,6 +63,7 @@ class Student:
     target_width: int  # the teacher's vocabulary (causal_lm) or class count
     pad_token_id: int  # fills padded slots of this student's inputs
     reads_text: bool = False  # classification: tokenizes its own text column
+    packing_mask: str | None = None  # causal_lm: the explicit mask its packed rows need; None: none
 
     @property
     def parameters(self) -> int:
@@ -72,10 +76,10 @@ class Student:
         return contextlib.nullcontext()
 
     def hidden_states(self, input_ids: Tensor, position_ids: Tensor) -> Tensor:
-        """Final hidden states ``[B, L, H]`` of packed rows (no attention mask: the position ids
-        mark where records start, so none attends to another)."""
-        output = base_model_of(self.model)(input_ids=input_ids, position_ids=position_ids, use_cache=False)
-        return output.last_hidden_state if hasattr(output, "last_hidden_state") else output[0]
+        """Final hidden states ``[B, L, H]`` of packed rows, where the position ids mark where
+        records start; no record attends to another (with :attr:`packing_mask` where the model
+        needs one)."""
+        return packed_forward(self.model, input_ids, position_ids, mask_form=self.packing_mask)
 
     def head(self, hidden: Tensor) -> Tensor:
         """Logits ``[p, target_width]`` of ``[p, H]`` hidden states."""
@@ -155,6 +159,7 @@ def build_student(cfg: StudentConfig, *, manifest: Manifest, device: torch.devic
                       pad_token_id=pad_id, reads_text=reads_text)
     if task == "causal_lm":
         _check_causal_student(student, manifest, where)
+        student.packing_mask = choose_packing_mask(model, device=device, autocast=student.autocast, where=where)
     else:
         _check_classifier_student(student, manifest, where)
     return student
