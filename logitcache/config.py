@@ -193,8 +193,21 @@ class CorpusConfig(_Section):
     on_bad_document: Literal["error", "skip"] = "error"
     # Documents per work unit (the unit of scheduling, retry and resume).
     unit_documents: int = _field(1000, ge=1)
+    # Column holding a conversation (a list of {role, content}) to render with a chat template
+    # instead of reading text_column; None reads plain texts.
+    messages_column: str | None = None
+    # Chat template (Jinja text, or the path of a file holding it) for messages_column; None uses
+    # the teacher tokenizer's own.
+    chat_template: str | None = None
+    # Roles whose messages get soft labels in a conversation; the others are context only.
+    label_roles: list[str] = _field(factory=lambda: ["assistant"], one_or_many=True)
 
     def _validate(self) -> None:
+        if not self.label_roles or not all(isinstance(r, str) and r.strip() for r in self.label_roles):
+            raise ConfigError(f"{self._where('label_roles')}: must name at least one role, got {self.label_roles!r}")
+        if self.chat_template is not None and self.messages_column is None:
+            raise ConfigError(f"{self._where('chat_template')}: applies to conversations only; set "
+                              f"{self._where('messages_column')} too (the column holding the messages)")
         given = [name for name, present in (("data_files", bool(self.data_files)), ("name", self.name is not None)) if present]
         if len(given) != 1:
             got = "both" if given else "neither"
@@ -503,6 +516,10 @@ class JobConfig(_Section):
                     f"{self._where('students')}[{index}].batch_tokens: {student.batch_tokens} is more than "
                     f"train.batch_tokens ({self.train.batch_tokens}); a student's batches are pieces of the "
                     "shared batch, so for bigger steps raise its grad_accum (or train.batch_tokens)")
+        if (self.corpus is not None and self.corpus.messages_column is not None and self.teacher is not None
+                and self.teacher.task != "causal_lm"):
+            raise ConfigError(f"{self._where('corpus.messages_column')}: conversations are labelled per token; "
+                              f"teacher.task must be causal_lm, got {self.teacher.task!r}")
         if self.demo_teacher is not None and self.teacher is not None and self.teacher.model != self.demo_teacher.output:
             raise ConfigError(
                 f"{self._where('teacher.model')}: with demo_teacher, must be demo_teacher.output "
@@ -628,6 +645,8 @@ def config_fingerprint_fields(cfg: JobConfig) -> dict[str, Any]:
     corpus = None
     if cfg.corpus is not None:
         names = ("text_column", "lang_column", "id_column", "unit_documents", "name", "config", "split")
+        if cfg.corpus.messages_column is not None:  # only then: caches of plain texts keep their identity
+            names += ("messages_column", "chat_template", "label_roles")
         corpus = {name: getattr(cfg.corpus, name) for name in names}
     teacher = None
     if cfg.teacher is not None:

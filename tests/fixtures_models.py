@@ -218,6 +218,46 @@ def build_tiny_causal_lm(out_dir: str | os.PathLike[str], tokenizer_dir: str | o
     return out
 
 
+CHATML_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def build_tiny_chat_lm(out_dir: str | os.PathLike[str], tokenizer_dir: str | os.PathLike[str], *,
+                       template: str | None = CHATML_TEMPLATE, seed: int = 0) -> Path:
+    """A tiny causal LM whose tokenizer has ChatML's ``<|im_start|>`` / ``<|im_end|>`` special
+    tokens and, unless ``template`` is None, a ChatML chat template."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
+    if template is not None:
+        tokenizer.chat_template = template
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(_model_config("llama", len(tokenizer), tokenizer))
+    out = Path(out_dir)
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out
+
+
+def chat_conversations() -> list[dict[str, Any]]:
+    """Conversations in several scripts: rows of a corpus with a ``messages`` column."""
+    turns = [(doc["lang"], doc["text"]) for doc in multilingual_texts()]
+    rows = []
+    for i in range(0, 24, 3):
+        (lang, first), (_, second), (_, third) = turns[i], turns[i + 1], turns[i + 2]
+        messages = [{"role": "user", "content": f"Q{i}: {first[:40]}"},
+                    {"role": "assistant", "content": second[:80]}]
+        if i % 2 == 0:
+            messages = [{"role": "system", "content": "Answer briefly."}, *messages,
+                        {"role": "user", "content": "And then?"}, {"role": "assistant", "content": third[:60]}]
+        rows.append({"id": f"chat{i}", "lang": lang, "messages": messages})
+    return rows
+
+
 def build_tiny_classifier(out_dir: str | os.PathLike[str], tokenizer_dir: str | os.PathLike[str], *,
                           num_labels: int = 3, seed: int = 0) -> Path:
     """A tiny LlamaForSequenceClassification (``num_labels`` classes, pad_token_id set) plus tokenizer."""

@@ -39,6 +39,7 @@ from logitcache.errors import ConfigError, CorpusError, IncompatibleCacheError, 
 from logitcache.pipeline.capture.executor import Executor, make_executor
 from logitcache.pipeline.capture.soft_labels import SoftLabelSpec
 from logitcache.pipeline.capture.unit_task import TeacherFacts, UnitTask
+from logitcache.pipeline.common.chat import chat_spec, require_chat_template
 from logitcache.pipeline.common.committer import BackgroundCommitter
 from logitcache.pipeline.common.corpus import (
     WorkUnit,
@@ -195,8 +196,13 @@ def unit_task(cfg: JobConfig, teacher: TeacherFacts, layout: RecordLayout) -> Un
         k=max(layout.k, 1), samples=max(layout.samples, 1), entropy=True,
         chunk_positions=max(16, min(4096, _CHUNK_LOGITS // max(teacher.vocab_size, 1))),
     )
+    chat = chat_spec(cfg.corpus)
+    if chat is not None:
+        require_chat_template(chat, has_template=teacher.has_chat_template, fast=teacher.fast_tokenizer,
+                              teacher=cfg.teacher.model)
     return UnitTask(teacher=cfg.teacher, windows=cfg.windows, spec=spec, layout=layout,
-                    batch_tokens=cfg.teacher.batch_tokens, seed=cfg.soft_labels.seed, teacher_digest=teacher.digest)
+                    batch_tokens=cfg.teacher.batch_tokens, seed=cfg.soft_labels.seed, teacher_digest=teacher.digest,
+                    chat=chat)
 
 
 def _count(counts: dict[str, int], more: dict[str, int]) -> None:
@@ -243,11 +249,11 @@ def build_cache(cfg: JobConfig, *, overwrite: bool = False, repair: bool = False
         layout = record_layout(cfg, teacher)
         if not overwrite:
             layout = keep_existing_columns(cfg.cache, layout)
+        task = unit_task(cfg, teacher, layout)
         writer = ShardWriter(cfg.cache, template=manifest_template(cfg, teacher, layout), overwrite=overwrite)
         if repair and writer.committed_units:
             summary.repaired_units = _forget_damaged(writer, cfg.cache)
         committed = committed_parts(writer.manifest.shards) if writer.committed_units else {}
-        task = unit_task(cfg, teacher, layout)
         bar = stack.enter_context(tqdm(desc="build", unit=" unit", total=estimate_units(cfg.corpus) if progress else None,
                                        disable=not progress, dynamic_ncols=True))
 

@@ -360,6 +360,61 @@ def test_a_config_file_that_does_not_exist_is_an_error(tmp_path):
     assert_names(result.output, "missing.yaml", "config file not found")
 
 
+# ----------------------------------------------------------------------------- chat corpora
+
+
+def _chat_job(root: Path, teacher: Path, rows: list[Any], **corpus: Any) -> Path:
+    data = base_config(cache=root / "chat-cache", data_files=str(write_jsonl(root / "chat" / "c.jsonl", rows)),
+                       model=teacher)
+    data["corpus"] = {**data["corpus"], "messages_column": "messages", **corpus}
+    return write_config(root / "chat.yaml", data)
+
+
+CHAT_ROWS = [{"id": "c0", "lang": "en", "messages": [{"role": "user", "content": "Hello there"},
+                                                    {"role": "assistant", "content": "Hi, how can I help?"}]},
+             {"id": "c1", "lang": "en", "messages": [{"role": "user", "content": "What is 2+2?"},
+                                                    {"role": "bot", "content": "4"}]},
+             {"id": "c2", "lang": "en", "messages": [{"role": "user", "content": "Anyone?"},
+                                                    {"role": "assistant", "content": ""}]}]
+
+
+def test_a_conversation_with_an_unknown_role_or_an_empty_message_is_an_error(tmp_path, tiny_tokenizer_dir):
+    teacher = fixtures_models.build_tiny_chat_lm(tmp_path / "lm", tiny_tokenizer_dir)
+    result = cli("build", "--no-progress", _chat_job(tmp_path, teacher, CHAT_ROWS))
+    assert result.exit_code == 2
+    assert_names(result.output, "c.jsonl", "row 1", "messages[1]: unknown role 'bot'", "corpus.on_bad_document: skip")
+    skipped = cli("build", "--no-progress", _chat_job(tmp_path, teacher, CHAT_ROWS, on_bad_document="skip"))
+    assert skipped.exit_code == 0, skipped.output
+    assert "skipped documents: 2 bad_messages" in skipped.output
+
+
+def test_a_chat_corpus_without_a_chat_template_is_an_error(tmp_path, tiny_tokenizer_dir):
+    teacher = fixtures_models.build_tiny_chat_lm(tmp_path / "lm", tiny_tokenizer_dir, template=None)
+    result = cli("build", "--no-progress", _chat_job(tmp_path, teacher, CHAT_ROWS[:1]))
+    assert result.exit_code == 2
+    assert_names(result.output, "has no chat template", "corpus.chat_template")
+    assert not (tmp_path / "chat-cache" / "shards").exists() or not any((tmp_path / "chat-cache" / "shards").iterdir())
+
+
+def test_a_changed_committed_row_is_refused_and_appended_rows_are_built(tmp_path, tiny_causal_lm_dir,
+                                                                       multilingual_texts):
+    corpus = write_jsonl(tmp_path / "data" / "part-0.jsonl", multilingual_texts[:30])
+    config = write_config(tmp_path / "job.yaml", base_config(cache=tmp_path / "cache", data_files=str(corpus),
+                                                             model=tiny_causal_lm_dir))
+    assert cli("build", "--no-progress", config).exit_code == 0
+    write_jsonl(corpus, multilingual_texts[:40])  # rows appended: only they are built
+    grown = cli("build", "--no-progress", config)
+    assert grown.exit_code == 0 and "rows appended" in grown.output
+    before = (tmp_path / "cache" / "manifest.json").read_bytes()
+    edited = [dict(row) for row in multilingual_texts[:40]]
+    edited[27]["text"] = "an edited row"
+    write_jsonl(corpus, edited)
+    result = cli("build", "--no-progress", config)
+    assert result.exit_code == 2
+    assert_names(result.output, "part-0.jsonl", "a source file changed", "rows may only be appended", "--overwrite")
+    assert (tmp_path / "cache" / "manifest.json").read_bytes() == before
+
+
 # ----------------------------------------------------------------------------- cache format
 
 

@@ -32,6 +32,7 @@ from logitcache.errors import TeacherError
 from logitcache.pipeline.capture.soft_labels import SoftLabelSpec
 from logitcache.pipeline.capture.teacher import Teacher, load_teacher
 from logitcache.pipeline.capture.unit_labeler import label_unit, unit_seed
+from logitcache.pipeline.common.chat import ChatSpec, require_chat_template
 from logitcache.pipeline.common.corpus import WorkUnit
 from logitcache.pipeline.common.windows import make_windows
 from logitcache.storage_schemas.fingerprint import fingerprint
@@ -58,12 +59,17 @@ class TeacherFacts:
     identity: dict[str, Any]
     tokenizer_info: dict[str, Any]
     split_head_ok: bool
+    has_chat_template: bool = False  # the tokenizer brings its own chat template
+    fast_tokenizer: bool = True  # character offsets are available (conversations need them)
 
     @classmethod
     def of(cls, teacher: Teacher) -> TeacherFacts:
+        tokenizer = teacher.tokenizer
         return cls(task=teacher.task, vocab_size=teacher.vocab_size, num_classes=teacher.num_classes,
                    identity=dict(teacher.identity), tokenizer_info=dict(teacher.tokenizer_info),
-                   split_head_ok=teacher.split_head_ok)
+                   split_head_ok=teacher.split_head_ok,
+                   has_chat_template=bool(getattr(tokenizer, "chat_template", None)),
+                   fast_tokenizer=bool(getattr(tokenizer, "is_fast", False)))
 
     @functools.cached_property
     def digest(self) -> str:
@@ -82,6 +88,7 @@ class UnitTask:
     batch_tokens: int
     seed: int  # soft_labels.seed; each unit samples from unit_seed(seed, unit_id)
     teacher_digest: str  # TeacherFacts.digest the driver wrote into the manifest
+    chat: ChatSpec | None = None  # how conversations are rendered and labelled (corpus.messages_column)
 
 
 @dataclass(kw_only=True)
@@ -138,7 +145,11 @@ def label_work_unit(task: UnitTask, unit: WorkUnit) -> LabelledUnit:
             f"the teacher loaded for unit {unit.unit_id} on {os.uname().nodename} (pid {os.getpid()}) differs "
             f"from the one this build started with (teacher {task.teacher.model!r}, weights sha256 "
             f"{facts.identity.get('weights_sha256')}): every worker must see the same model files")
-    windows, no_tokens = make_windows(unit.documents, teacher.tokenizer, task.windows, task=teacher.task)
+    if task.chat is not None:
+        require_chat_template(task.chat, has_template=facts.has_chat_template, fast=facts.fast_tokenizer,
+                              teacher=task.teacher.model)
+    windows, no_tokens = make_windows(unit.documents, teacher.tokenizer, task.windows, task=teacher.task,
+                                      chat=task.chat)
     block, stats = label_unit(
         teacher, windows, spec=task.spec, layout=task.layout, batch_tokens=task.batch_tokens,
         seed=unit_seed(task.seed, unit.unit_id), store_entropy=task.layout.entropy,

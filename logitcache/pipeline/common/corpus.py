@@ -22,8 +22,10 @@ file type, a configured column that a file does not have) are always a
 document (text that is not a string or is missing, a label that is not an integer, a line
 that is not UTF-8 or not JSON) is a CorpusError naming file and row or line when
 ``corpus.on_bad_document`` is ``error``; with ``skip`` it is counted in the unit's
-``skipped`` under its reason (missing_value, non_string, bad_label, bad_utf8, bad_json). Empty or whitespace-only texts are always skipped and counted
-as ``empty``. When ``datasets`` fails on a file without saying where (invalid UTF-8, a
+``skipped`` under its reason (missing_value, non_string, bad_label, bad_utf8, bad_json, and for
+conversations bad_messages: an unknown role, an empty message). Empty or whitespace-only
+texts are always skipped and counted as ``empty``, conversations without a message to label
+as ``no_labelled_turn``. When ``datasets`` fails on a file without saying where (invalid UTF-8, a
 malformed JSON line), the raw file is scanned line by line to find the line; in skip mode
 that file is then read by this module itself, with the same row numbering, so unit
 boundaries do not move. JSON files are read as JSON Lines by that fallback.
@@ -42,7 +44,7 @@ import math
 import os
 import posixpath
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
@@ -51,6 +53,12 @@ from fsspec.implementations.local import LocalFileSystem
 
 from logitcache.config import CorpusConfig
 from logitcache.errors import CorpusError, LogitcacheError
+from logitcache.pipeline.common.chat import (
+    ALWAYS_SKIPPED,
+    BadConversation,
+    chat_spec,
+    parse_conversation,
+)
 
 __all__ = ["Document", "WorkUnit", "resolve_sources", "iter_work_units", "iter_source_units", "describe_corpus",
            "part_id", "whole_unit_id"]
@@ -72,6 +80,8 @@ class Document:
     label: int | None  # label column value, None without a label column or for null
     source: str  # the file (as resolved) or "hub:<name>/<config>/<split>"
     row: int  # 0-based row within the source, skipped rows included
+    # a conversation (corpus.messages_column): ((role, content), ...); text is then its canonical JSON
+    messages: tuple[tuple[str, str], ...] | None = None
 
 
 @dataclass(kw_only=True)
@@ -181,8 +191,15 @@ def _loader(source: str) -> str:
 
 def _columns(cfg: CorpusConfig, loader: str) -> dict[str, str | None]:
     """Config key -> column name for the columns a source must have."""
-    names = ("text" if loader == "text" else cfg.text_column, cfg.lang_column, cfg.id_column, cfg.label_column)
-    return dict(zip(("text_column", "lang_column", "id_column", "label_column"), names, strict=True))
+    text = "text" if loader == "text" else cfg.text_column
+    if cfg.messages_column is not None:
+        if loader in ("text", "csv"):
+            raise CorpusError(f"corpus.messages_column: conversations need JSON or Parquet files (a list of "
+                              f"{{role, content}} per row); the {loader} file type has no such column")
+        text = None
+    names = (text, cfg.lang_column, cfg.id_column, cfg.label_column, cfg.messages_column)
+    keys = ("text_column", "lang_column", "id_column", "label_column", "messages_column")
+    return dict(zip(keys, names, strict=True))
 
 
 def _check_columns(columns: dict[str, str | None], source: str, present: list[str]) -> None:
@@ -260,7 +277,7 @@ def paired_texts(cfg: CorpusConfig, column: str, *, owner: str) -> dict[str, str
             raise CorpusError(f"{owner}: {source} is a plain text file, which has no column {column!r}")
         columns = _columns(cfg, loader)
         for row, record in enumerate(_dataset_rows(cfg, source, loader, extra={owner: column})):
-            doc = _document(record, columns, source, row)
+            doc = _document(record, columns, source, row, label_roles=cfg.label_roles)
             value = record.get(column)
             if isinstance(doc, Document) and isinstance(value, str) and value.strip():
                 out[doc.key] = value
@@ -389,16 +406,26 @@ def _csv_label(value: str) -> Any:
     return value
 
 
-def _document(record: dict[str, Any], columns: dict[str, str | None], source: str, row: int) -> Document | tuple[str, str]:
+def _document(record: dict[str, Any], columns: dict[str, str | None], source: str, row: int, *,
+              label_roles: Sequence[str] = ("assistant",)) -> Document | tuple[str, str]:
     """The document of one row, or (skip reason, explanation)."""
-    text_column = columns["text_column"]
-    text = record.get(text_column)
-    if text is None:
-        return "missing_value", f"no text in column {text_column!r}"
-    if not isinstance(text, str):
-        return "non_string", f"column {text_column!r} holds {_brief(text)} ({type(text).__name__}), expected a string"
-    if not text.strip():
-        return "empty", "empty text"
+    messages = None
+    if columns.get("messages_column") is not None:
+        try:
+            messages = parse_conversation(record.get(columns["messages_column"]), column=columns["messages_column"],
+                                          label_roles=label_roles)
+        except BadConversation as bad:
+            return bad.reason, bad.detail
+        text = json.dumps(messages, ensure_ascii=False, separators=(",", ":"))
+    else:
+        text_column = columns["text_column"]
+        text = record.get(text_column)
+        if text is None:
+            return "missing_value", f"no text in column {text_column!r}"
+        if not isinstance(text, str):
+            return "non_string", f"column {text_column!r} holds {_brief(text)} ({type(text).__name__}), expected a string"
+        if not text.strip():
+            return "empty", "empty text"
     lang = "und"
     if columns["lang_column"] is not None:
         value = record.get(columns["lang_column"])
@@ -420,7 +447,7 @@ def _document(record: dict[str, Any], columns: dict[str, str | None], source: st
         label = _label(value)
         if label is _NOT_A_LABEL:
             return "bad_label", f"column {columns['label_column']!r} holds {_brief(value)}, expected an integer or null"
-    return Document(key=key, text=text, lang=lang, label=label, source=source, row=row)
+    return Document(key=key, text=text, lang=lang, label=label, source=source, row=row, messages=messages)
 
 
 def _label(value: Any) -> Any:
@@ -470,12 +497,13 @@ def iter_source_units(cfg: CorpusConfig, source: str) -> Iterator[WorkUnit]:
         unit.num_rows += 1
         # _Bad rows only come in skip mode: in error mode _rows raised on the first one
         bad = isinstance(record, _Bad)
-        outcome = (record.reason, record.detail) if bad else _document(record, columns, source, row)
+        outcome = (record.reason, record.detail) if bad else _document(record, columns, source, row,
+                                                                      label_roles=cfg.label_roles)
         if isinstance(outcome, Document):
             unit.documents.append(outcome)
             continue
         reason, detail = outcome
-        if reason != "empty" and cfg.on_bad_document == "error":
+        if reason not in ALWAYS_SKIPPED and cfg.on_bad_document == "error":
             raise CorpusError(f"{source}, row {row} (counting from 0): {detail}; fix the data {_SKIP_HINT}")
         unit.skipped[reason] = unit.skipped.get(reason, 0) + 1
         unit.skipped_rows[row] = reason
@@ -534,10 +562,17 @@ def describe_corpus(cfg: CorpusConfig) -> dict[str, Any]:
         loader = _loader(source)
         size = None if loader == "hub" else _size(source)
         entries.append({"source": source, "loader": loader, "bytes": size})
-    return {
+    out = {
         "sources": entries,
         "total_bytes": sum(entry["bytes"] or 0 for entry in entries),
         "columns": {name: getattr(cfg, f"{name}_column") for name in ("text", "lang", "id", "label")},
         "unit_documents": cfg.unit_documents,
         "on_bad_document": cfg.on_bad_document,
     }
+    chat = chat_spec(cfg)
+    if chat is not None:
+        out["columns"] = {**out["columns"], "text": None, "messages": cfg.messages_column}
+        template = ("the teacher tokenizer's" if chat.template is None
+                    else "sha256:" + hashlib.sha256(chat.template.encode("utf-8")).hexdigest())
+        out["chat"] = {"label_roles": list(chat.label_roles), "chat_template": template}
+    return out

@@ -7,6 +7,8 @@ context) and their positions are not labelled again. Every token position of a d
 therefore labelled exactly once, whatever the stride. Documents are never packed together.
 
 For sequence classification a document is one record: its first ``max_length`` tokens.
+A conversation (``corpus.messages_column``) becomes one window per labelled turn, whose left
+context is the conversation before the turn (:mod:`~logitcache.pipeline.common.chat`).
 
 A window's ``record_id`` is a 64-bit hash of (document key, window index): stable across
 runs, machines and work-unit boundaries, and the key stage two uses to split held-out data.
@@ -22,6 +24,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from logitcache.config import WindowsConfig
+from logitcache.pipeline.common.chat import ChatSpec, render_conversation, turn_windows
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -67,23 +70,35 @@ def tokenize(tokenizer, texts: Sequence[str]) -> list[list[int]]:
     return encoded["input_ids"]
 
 
-def make_windows(documents, tokenizer, cfg: WindowsConfig, *, task: str = "causal_lm") -> tuple[list[Window], int]:
-    """Windows of ``documents`` (objects with key, text, lang, label) in document order.
+def make_windows(documents, tokenizer, cfg: WindowsConfig, *, task: str = "causal_lm",
+                 chat: ChatSpec | None = None) -> tuple[list[Window], int]:
+    """Windows of ``documents`` (objects with key, text, lang, label, messages) in document order;
+    conversations (``messages``) are rendered with ``chat`` and windowed per labelled turn
+    (:mod:`~logitcache.pipeline.common.chat`).
 
-    Returns the windows and the number of documents that produced no tokens at all.
+    Returns the windows and the number of documents that produced no tokens (or no labelled
+    turn) at all.
     """
     documents = list(documents)
     windows: list[Window] = []
     no_tokens = 0
-    for doc, ids in zip(documents, tokenize(tokenizer, [d.text for d in documents]), strict=True):
-        ids = np.asarray(ids, dtype=np.int64)
-        if ids.size == 0:
+    plain = [d for d in documents if getattr(d, "messages", None) is None]
+    plain_ids = iter(tokenize(tokenizer, [d.text for d in plain]))
+    for doc in documents:
+        if getattr(doc, "messages", None) is not None:
+            if chat is None:
+                raise ValueError("a conversation needs a ChatSpec")
+            ids, ranges = render_conversation(tokenizer, doc.messages, chat)
+            spans = turn_windows(ranges, max_length=cfg.max_length, stride=cfg.stride)
+        else:
+            ids = np.asarray(next(plain_ids), dtype=np.int64)
+            if task == "sequence_classification":
+                spans = [(0, min(cfg.max_length, len(ids)), 0)] if ids.size else []
+            else:
+                spans = window_spans(len(ids), max_length=cfg.max_length, stride=cfg.stride)
+        if not spans:
             no_tokens += 1
             continue
-        if task == "sequence_classification":
-            spans = [(0, min(cfg.max_length, len(ids)), 0)]
-        else:
-            spans = window_spans(len(ids), max_length=cfg.max_length, stride=cfg.stride)
         for index, (start, stop, context) in enumerate(spans):
             windows.append(Window(
                 record_id=record_id_for(doc.key, index), doc_key=doc.key, lang=doc.lang,
