@@ -125,25 +125,64 @@ def inspect(cache: str, as_json: bool) -> None:
     _print_result(as_json, lambda: summary, lambda: format_summary(summary))
 
 
+_FIDELITY_ONLY = ("teacher", "dtype", "device", "seed", "tolerance", "no_progress")
+
+
 @main.command()
 @click.argument("cache", metavar="CACHE")
 @click.option("--deep", is_flag=True, help="Also decode every block and recount its contents.")
+@click.option("--fidelity", type=click.IntRange(min=1), metavar="N",
+              help="Also run the teacher again on N sampled records per language and compare the stored "
+                   "labels with the fresh ones.")
+@click.option("--teacher", metavar="PATH", help="With --fidelity: the teacher to run (default: the manifest's).")
+@click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]),
+              help="With --fidelity: the teacher's compute dtype (default: the build's).")
+@click.option("--device", help="With --fidelity: torch device of the teacher (default: auto).")
+@click.option("--seed", type=int, help="With --fidelity: which records are sampled (default: 0).")
+@click.option("--tolerance", type=click.FloatRange(min=0), metavar="NATS",
+              help="With --fidelity: how far a fresh log-prob may differ beyond the codec's bound "
+                   "(default: 1e-4 in float32, 0.25 in bfloat16 or float16).")
 @json_option("Print the report as JSON.")
+@click.option("--no-progress", is_flag=True, help="With --fidelity: do not draw a progress bar.")
 @click.pass_context
-def verify(ctx: click.Context, cache: str, deep: bool, as_json: bool) -> None:
+def verify(ctx: click.Context, cache: str, deep: bool, fidelity: int | None, as_json: bool,
+           **fidelity_options: Any) -> None:
     """Check every shard of a cache against its manifest.
 
     Each shard listed in CACHE's manifest is checked for presence, size, sha256, schema,
     record and block counts and config fingerprint; --deep also decodes every block.
 
-    Exits 1 when a shard has a problem. Files the manifest does not list are reported as a
-    warning only: readers ignore them.
+    --fidelity N also runs the teacher (the manifest's, or --teacher) again on N sampled
+    records per language and holds the stored labels to the fresh ones, within the value
+    codec's error bound plus a dtype tolerance (docs/reliability.md, "verify --fidelity"):
+
+        logitcache verify runs/cache --fidelity 20
+
+    Exits 1 when a shard has a problem or a language is beyond the bounds (the records are
+    named), 2 for a teacher of another vocabulary. Files the manifest does not list are
+    reported as a warning only: readers ignore them.
     """
     from logitcache.storage_schemas.verify import verify_cache
 
+    given = [name for name in _FIDELITY_ONLY if fidelity_options[name] is not None and fidelity_options[name] is not False]
+    if given and fidelity is None:
+        raise click.UsageError(f"--{given[0].replace('_', '-')} goes with --fidelity N")
     report = verify_cache(cache, deep=deep)
-    _print_result(as_json, report.to_dict, report.to_text)
-    if not report.ok:
+    if fidelity is None:
+        _print_result(as_json, report.to_dict, report.to_text)
+        if not report.ok:
+            ctx.exit(1)
+        return
+    from logitcache.stages.audit_fidelity import audit_fidelity
+
+    options = fidelity_options
+    audit = audit_fidelity(cache, records_per_lang=fidelity, teacher=options["teacher"], dtype=options["dtype"],
+                           device=options["device"] or "auto", seed=options["seed"] or 0,
+                           tolerance=options["tolerance"], skip_shards=report.bad_shards,
+                           progress=not options["no_progress"])
+    _print_result(as_json, lambda: {**report.to_dict(), "fidelity": audit.to_dict()},
+                  lambda: f"{report.to_text()}\n{audit.to_text()}")
+    if not (report.ok and audit.ok):
         ctx.exit(1)
 
 

@@ -13,6 +13,7 @@ from logitcache import __version__
 from logitcache.cli import main
 from logitcache.errors import ConfigError
 from logitcache.storage_schemas.shard_writer import ShardWriter
+from tests import fixtures_models
 from tests.factories import make_block, make_layout, make_template
 
 
@@ -125,6 +126,53 @@ def test_verify_unlisted_file_is_a_warning(cache):
     assert result.exit_code == 0
     assert "_incomplete/part-u00007.parquet" in result.output
     assert "warning" in result.output
+
+
+@pytest.fixture(scope="module")
+def teacher_cache(tmp_path_factory, corpus_dir, tiny_causal_lm_dir) -> Path:
+    """A cache built by stage one from a tiny teacher: top-8 float32 log-probs, two shards."""
+    from logitcache.stages.build_cache import build_cache as stage_one
+    from tests.stages.test_build_cache import job
+
+    root = tmp_path_factory.mktemp("fidelity") / "cache"
+    stage_one(job(root, corpus_dir, tiny_causal_lm_dir, corpus={"unit_documents": 25}), progress=False)
+    return root
+
+
+def test_verify_fidelity_exits_0_with_the_caches_teacher_and_1_with_another(teacher_cache, tmp_path,
+                                                                           tiny_causal_lm_dir):
+    from tests.stages.test_audit_fidelity import perturbed_copy
+
+    fidelity = ("verify", str(teacher_cache), "--fidelity", "2", "--device", "cpu", "--no-progress")
+    result = run(*fidelity)
+    assert result.exit_code == 0, result.output
+    assert result.output.startswith("OK ") and "top-k agree" in result.output and "fidelity ok" in result.output
+    data = json.loads(run(*fidelity, "--json").output)
+    assert data["ok"] and data["shards_checked"] == 2 and data["fidelity"]["ok"]
+    assert data["fidelity"]["records"] == 14 and len(data["fidelity"]["languages"]) == 7
+    assert {"records", "positions", "topk_agreement", "max_abs_error", "mean_abs_error", "bound",
+            "ok"} <= set(data["fidelity"]["languages"][0])
+
+    other = str(perturbed_copy(tiny_causal_lm_dir, tmp_path / "perturbed"))
+    as_json = run(*fidelity, "--teacher", other, "--json")
+    assert as_json.exit_code == 1
+    data = json.loads(as_json.output)["fidelity"]
+    assert not data["ok"] and len(data["failed_languages"]) == 7 and data["weights_match"] is False
+    record = data["bad_records"][0]
+    assert {"record_id", "lang", "doc_key", "shard", "problems"} == set(record)
+    text = run(*fidelity, "--teacher", other)
+    assert text.exit_code == 1 and "fidelity FAILED" in text.output and f"record {record['record_id']}" in text.output
+
+
+def test_verify_fidelity_options_without_it_and_a_teacher_of_another_vocabulary_exit_2(teacher_cache, tmp_path):
+    result = run("verify", str(teacher_cache), "--teacher", "models/x")
+    assert result.exit_code == 2 and "--teacher goes with --fidelity N" in result.output
+    assert run("verify", str(teacher_cache), "--seed", "0").exit_code == 2
+    tokenizer = fixtures_models.build_tiny_tokenizer(tmp_path / "tok", vocab_size=300)
+    other = fixtures_models.build_tiny_causal_lm(tmp_path / "other", tokenizer)
+    result = run("verify", str(teacher_cache), "--fidelity", "1", "--teacher", str(other), "--no-progress")
+    assert result.exit_code == 2
+    assert "error: teacher" in result.output and "is not the one the cache was built with" in result.output
 
 
 @pytest.mark.parametrize("command", ["inspect", "verify"])

@@ -25,6 +25,10 @@ mass ``1 - sum(exp(logprobs))`` of a decoded row stays meaningful.
     to 1 or more (about 2% of positions on our synthetic data). Consumers that use the tail
     as a residual bucket must clamp it at a small positive value; stage two's losses do.
 
+:meth:`ValueCodec.error_bound` gives, per value, the bound above (with q8's clamp and
+float16's subnormals and overflow): how far a stored value may lie from the one the teacher
+gave, which ``logitcache verify --fidelity`` holds a fresh forward to.
+
 Codecs were chosen by measurement: see ``benchmarks/bench_codecs.py`` and BENCHMARKS.md.
 """
 
@@ -58,6 +62,12 @@ class ValueCodec:
     def decode(self, stored: np.ndarray) -> np.ndarray:
         return _DECODERS[self.name](np.asarray(stored))
 
+    def error_bound(self, logprobs: np.ndarray) -> np.ndarray:
+        """Per value, an upper bound on ``|decode(encode(lp)) - lp|`` (float64, the shape of
+        ``logprobs``), for any ``lp``: inf where the codec cannot hold it (float16 beyond
+        +-65520, -inf in every lossy codec), nan for nan."""
+        return _BOUNDS[self.name](np.asarray(logprobs, dtype=np.float64))
+
 
 Q8_STEP = 1.0 / 16.0
 Q8_LEVELS = 256
@@ -72,6 +82,31 @@ def _decode_q8(stored: np.ndarray) -> np.ndarray:
     np.multiply(np.asarray(stored, dtype=np.uint8), np.float32(-Q8_STEP), out=out, casting="unsafe")
     return out
 
+
+#: float16's rounding error below its smallest normal number (2**-14): half a subnormal step.
+_F16_SUBNORMAL_ERROR = 2.0**-25
+#: Magnitudes at or beyond which float16 rounds to infinity.
+_F16_OVERFLOW = 65520.0
+
+
+def _bound_float16(values: np.ndarray) -> np.ndarray:
+    size = np.abs(values)
+    bound = np.maximum(size * 2.0**-11, _F16_SUBNORMAL_ERROR)
+    bound[size >= _F16_OVERFLOW] = np.inf
+    return bound
+
+
+def _bound_q8(values: np.ndarray) -> np.ndarray:
+    # rounding to the nearest level, or the clamp to the lowest (and, for lp > 0, the highest) level
+    lowest = -(Q8_LEVELS - 1) * Q8_STEP
+    return np.maximum(Q8_STEP / 2, np.maximum(lowest - values, values))
+
+
+_BOUNDS = {
+    "float32": lambda v: np.where(np.isnan(v), np.nan, 0.0),
+    "float16": _bound_float16,
+    "q8": _bound_q8,
+}
 
 _ENCODERS = {
     "float32": lambda v: v,

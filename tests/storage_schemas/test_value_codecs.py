@@ -113,3 +113,31 @@ def test_q8_decode_is_elementwise(shape):
     stored = np.random.default_rng(1).integers(0, 256, size=shape, dtype=np.uint8)
     expected = stored.astype(np.float32) * np.float32(-Q8_STEP)
     np.testing.assert_array_equal(get_value_codec("q8").decode(stored), expected)
+
+
+# any float32 a teacher's log_softmax can give, with q8's clamp and float16's subnormals in reach
+any_logprob = st.one_of(logprob, st.floats(min_value=-2.0**-13, max_value=0.0, width=32),
+                        st.floats(min_value=-1e5, max_value=-80.0, width=32))
+
+
+@pytest.mark.parametrize("name", list(VALUE_CODECS))
+@given(values=arrays(np.float32, st.integers(0, 40), elements=any_logprob))
+def test_error_bound_holds_for_every_value(name, values):
+    codec = get_value_codec(name)
+    with np.errstate(over="ignore"):  # float16 overflows to -inf beyond -65520: inf bound
+        decoded = codec.decode(codec.encode(values)).astype(np.float64)
+    bound = codec.error_bound(values)
+    assert bound.shape == values.shape and bound.dtype == np.float64
+    assert np.all(np.abs(decoded - values.astype(np.float64)) <= bound)
+
+
+def test_error_bound_is_the_documented_one_inside_the_range():
+    values = np.array([0.0, -0.5, -4.0, -15.0], dtype=np.float32)
+    assert np.all(get_value_codec("float32").error_bound(values) == 0)
+    np.testing.assert_allclose(get_value_codec("float16").error_bound(values[1:]), -values[1:] * 2.0**-11)
+    assert np.all(get_value_codec("q8").error_bound(values) == Q8_STEP / 2)
+    # q8 clamps below its range: the bound grows with the distance to the lowest level
+    assert get_value_codec("q8").error_bound(np.array([-20.0]))[0] == pytest.approx(20 - 255 / 16)
+    for name in ("float16", "q8"):
+        assert get_value_codec(name).error_bound(np.array([-np.inf]))[0] == np.inf
+    assert get_value_codec("float16").error_bound(np.array([-7e4]))[0] == np.inf

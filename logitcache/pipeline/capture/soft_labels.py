@@ -36,6 +36,10 @@ target log-probability (when ``targets`` are given)
     ``logp[target]``: the teacher's log-probability of the token that actually comes next,
     NaN where the target is negative (no next token). Its mean negation over held-out
     positions is the teacher's own cross-entropy, which evaluation sets beside the students'.
+gathered log-probabilities (when ``gather`` ids ``[P, m]`` are given)
+    ``logp[i, gather[i, j]]``, NaN where the id is negative: the teacher's log-probabilities
+    of ids chosen elsewhere, e.g. the ids a cache stores, which ``logitcache verify
+    --fidelity`` compares with a fresh forward.
 
 Sampling method and precision
     Sampling is exact inverse-CDF sampling. For all P positions at once, ``P x samples``
@@ -140,6 +144,7 @@ class PositionLabelsNumpy:
     sample_counts: np.ndarray | None  # int64 [S]
     entropy: np.ndarray | None  # float32 [P]
     target_logprob: np.ndarray | None = None  # float32 [P]
+    gathered_logprobs: np.ndarray | None = None  # float32 [P, m]
 
 
 @dataclass(kw_only=True)
@@ -153,6 +158,7 @@ class PositionLabels:
     sample_counts: Tensor | None  # [S] int64, how often each was drawn
     entropy: Tensor | None  # [P] float32, nats
     target_logprob: Tensor | None = None  # [P] float32: logp of the next token, NaN where none
+    gathered_logprobs: Tensor | None = None  # [P, m] float32: logp of the ``gather`` ids, NaN where < 0
 
     def start_host_copy(self) -> HostLabels:
         """Start copying every tensor to the host; ``wait()`` on the result gives numpy.
@@ -209,6 +215,7 @@ def label_positions(
     *,
     generator: torch.Generator | None = None,
     targets: Tensor | None = None,
+    gather: Tensor | None = None,
 ) -> PositionLabels:
     """Soft labels of P positions from their final hidden states ``hidden`` ``[P, H]``.
 
@@ -216,12 +223,13 @@ def label_positions(
     upcast to float32). Outputs live on the device of the head's logits. ``generator``
     drives the sampled modes (the default generator of the logits' device when None).
     ``targets`` ``[P]`` (int64, -1 where a position has no next token) asks for the teacher's
-    log-probability of each position's actual next token too.
+    log-probability of each position's actual next token too, and ``gather`` ``[P, m]``
+    (int64, -1 for none) its log-probabilities of those ids.
     """
     if hidden.ndim != 2:
         raise ValueError(f"hidden must be [positions, hidden_size], got shape {tuple(hidden.shape)}")
     return _label_chunks(hidden.shape[0], lambda start, end: head(hidden[start:end]),
-                         hidden.device, spec, generator, targets)
+                         hidden.device, spec, generator, targets, gather)
 
 
 @torch.no_grad()
@@ -231,13 +239,14 @@ def logits_labels(
     *,
     generator: torch.Generator | None = None,
     targets: Tensor | None = None,
+    gather: Tensor | None = None,
 ) -> PositionLabels:
     """Soft labels of P positions from their logits ``[P, V]``, still in chunks of positions
-    (``targets`` as for :func:`label_positions`)."""
+    (``targets`` and ``gather`` as for :func:`label_positions`)."""
     if logits.ndim != 2:
         raise ValueError(f"logits must be [positions, vocab], got shape {tuple(logits.shape)}")
     return _label_chunks(logits.shape[0], lambda start, end: logits[start:end],
-                         logits.device, spec, generator, targets)
+                         logits.device, spec, generator, targets, gather)
 
 
 def _label_chunks(
@@ -247,10 +256,14 @@ def _label_chunks(
     spec: SoftLabelSpec,
     generator: torch.Generator | None,
     targets: Tensor | None = None,
+    gather: Tensor | None = None,
 ) -> PositionLabels:
     P, s = num_positions, spec.samples
     if targets is not None and tuple(targets.shape) != (P,):
         raise ValueError(f"targets must be [{P}], got shape {tuple(targets.shape)}")
+    if gather is not None and (gather.ndim != 2 or gather.shape[0] != P):
+        raise ValueError(f"gather must be [{P}, ids], got shape {tuple(gather.shape)}")
+    gather_width = None if gather is None else gather.shape[1]
     uniforms = None
     if spec.has_samples:
         # All uniforms up front, so that the draws do not depend on the chunk size.
@@ -265,9 +278,11 @@ def _label_chunks(
             raise ValueError(f"head must return logits [{end - start}, vocab], got shape {tuple(logits.shape)}")
         if out is None:
             _check_vocab(spec, logits.shape[1])
-            out = _Outputs.allocate(spec, P, logits.device, targets=targets is not None)
+            out = _Outputs.allocate(spec, P, logits.device, targets=targets is not None, gather_width=gather_width)
             if targets is not None:
                 targets = targets.to(logits.device, dtype=torch.int64, non_blocking=True)
+            if gather is not None:
+                gather = gather.to(logits.device, dtype=torch.int64, non_blocking=True)
             if uniforms is not None:
                 uniforms = uniforms.to(logits.device, non_blocking=True)
         # On the CPU the chunk is reduced in row blocks of about 8 MB of float32: each block's
@@ -282,11 +297,13 @@ def _label_chunks(
             logp = torch.log_softmax(logits[a:b], dim=-1, dtype=torch.float32)
             _label_chunk(logp, start + a, start + b, spec, out, uniforms)
             if targets is not None:
-                out.target_logprob[start + a:start + b] = _target_logprob(logp, targets[start + a:start + b])
+                out.target_logprob[start + a:start + b] = _logprobs_at(logp, targets[start + a:start + b, None])[:, 0]
+            if gather is not None:
+                out.gathered_logprobs[start + a:start + b] = _logprobs_at(logp, gather[start + a:start + b])
             del logp
         del logits  # the model-dtype chunk is no longer needed
     if out is None:  # no positions: nothing ran through the head
-        out = _Outputs.allocate(spec, 0, device, targets=targets is not None)
+        out = _Outputs.allocate(spec, 0, device, targets=targets is not None, gather_width=gather_width)
     return out.finish(spec)
 
 
@@ -307,9 +324,11 @@ class _Outputs:
     draws: Tensor | None  # [P, s] int64, sorted per position
     run_counts: Tensor | None  # [P, s] int64: at the first draw of each run its length, else 0
     target_logprob: Tensor | None = None  # [P] float32
+    gathered_logprobs: Tensor | None = None  # [P, m] float32
 
     @classmethod
-    def allocate(cls, spec: SoftLabelSpec, P: int, device: torch.device, *, targets: bool = False) -> _Outputs:
+    def allocate(cls, spec: SoftLabelSpec, P: int, device: torch.device, *, targets: bool = False,
+                 gather_width: int | None = None) -> _Outputs:
         def empty(shape: tuple[int, ...], dtype: torch.dtype) -> Tensor:
             return torch.empty(shape, dtype=dtype, device=device)
 
@@ -321,6 +340,7 @@ class _Outputs:
             draws=empty((P, s), torch.int64) if spec.has_samples else None,
             run_counts=empty((P, s), torch.int64) if spec.has_samples else None,
             target_logprob=empty((P,), torch.float32) if targets else None,
+            gathered_logprobs=empty((P, gather_width), torch.float32) if gather_width is not None else None,
         )
 
     def finish(self, spec: SoftLabelSpec) -> PositionLabels:
@@ -336,7 +356,8 @@ class _Outputs:
             counts = self.run_counts[keep]
         return PositionLabels(topk_ids=self.topk_ids, topk_logprobs=self.topk_logprobs,
                               sample_offsets=offsets, sample_ids=ids, sample_counts=counts,
-                              entropy=self.entropy, target_logprob=self.target_logprob)
+                              entropy=self.entropy, target_logprob=self.target_logprob,
+                              gathered_logprobs=self.gathered_logprobs)
 
 
 def _label_chunk(logp: Tensor, start: int, end: int, spec: SoftLabelSpec, out: _Outputs,
@@ -359,11 +380,11 @@ def _label_chunk(logp: Tensor, start: int, end: int, spec: SoftLabelSpec, out: _
         out.run_counts[start:end] = _run_counts(ids).mul_(valid[:, None])
 
 
-def _target_logprob(logp: Tensor, targets: Tensor) -> Tensor:
-    """``logp[i, targets[i]]`` per row; NaN where the target is negative (no next token)."""
-    has = targets >= 0
-    picked = logp.gather(1, targets.clamp_min(0)[:, None]).squeeze(1)
-    return torch.where(has, picked, torch.full_like(picked, float("nan")))
+def _logprobs_at(logp: Tensor, ids: Tensor) -> Tensor:
+    """``logp[i, ids[i, j]]`` for ``[p, m]`` ids; NaN where the id is negative (no next
+    token, or no id to look up)."""
+    picked = logp.gather(1, ids.clamp_min(0))
+    return torch.where(ids >= 0, picked, torch.full_like(picked, float("nan")))
 
 
 def _entropy(logp: Tensor) -> Tensor:

@@ -115,6 +115,11 @@ def _next_tokens(batch: Batch) -> torch.Tensor:
     return out
 
 
+#: One batch's results: the window of each labelled position (of each row, for sequence_probs)
+#: and its labels (a ``[rows, classes]`` array of class log-probabilities, for sequence_probs).
+BatchLabels = tuple[np.ndarray, PositionLabelsNumpy | np.ndarray]
+
+
 def label_unit(
     teacher: Teacher, windows: list[Window], *, spec: SoftLabelSpec, layout: RecordLayout,
     batch_tokens: int, seed: int, store_entropy: bool,
@@ -122,10 +127,29 @@ def label_unit(
     """Run the teacher over ``windows`` and return their records in window order."""
     stats = UnitStats(windows=len(windows))
     lengths = np.array([len(w.input_ids) for w in windows], dtype=np.int64)
+    per_batch = label_windows(teacher, windows, spec=spec, layout=layout, batch_tokens=batch_tokens, seed=seed,
+                              stats=stats)
+    block = _assemble(windows, lengths, per_batch, layout=layout, store_entropy=store_entropy)
+    stats.tokens = block.num_tokens
+    stats.positions = block.num_positions if layout.is_token_level else 0
+    if layout.is_token_level and per_batch:
+        _entropy_stats(per_batch, windows, stats)
+    return block, stats
+
+
+def label_windows(
+    teacher: Teacher, windows: list[Window], *, spec: SoftLabelSpec, layout: RecordLayout,
+    batch_tokens: int, seed: int, stats: UnitStats, gather: list[np.ndarray] | None = None,
+) -> list[BatchLabels]:
+    """The teacher's labels of ``windows``, batch by batch (in batch order, not window order:
+    :func:`in_window_order` restores it). ``gather``, one ``[labelled positions, m]`` int64
+    array per window (-1 for none), asks for the log-probabilities of those ids too
+    (``gathered_logprobs``). Counts batches, padding, splits and time into ``stats``."""
+    lengths = np.array([len(w.input_ids) for w in windows], dtype=np.int64)
     groups = plan_batches(lengths, batch_tokens=batch_tokens)
     generator = torch.Generator(device=teacher.device).manual_seed(seed)
 
-    per_batch: list[tuple[np.ndarray, PositionLabelsNumpy | np.ndarray]] = []
+    per_batch: list[BatchLabels] = []
     pending: tuple[np.ndarray, HostLabels] | None = None
 
     def forward(batch: Batch) -> tuple[np.ndarray, HostLabels | np.ndarray]:
@@ -135,13 +159,15 @@ def label_unit(
         mask = _labelled_mask(batch, windows)
         owners = np.repeat(batch.indices, mask.sum(dim=1).numpy())  # window of each position
         targets = _next_tokens(batch)[mask] if layout.target_logprob else None
+        ids = None if gather is None else torch.from_numpy(np.concatenate([gather[i] for i in batch.indices]))
         if teacher.split_head_ok:
             hidden = teacher.hidden_states(batch.input_ids, batch.attention_mask)
             labels = label_positions(hidden[mask.to(hidden.device)], teacher.head, spec, generator=generator,
-                                     targets=targets)
+                                     targets=targets, gather=ids)
         else:
             logits = teacher.logits(batch.input_ids, batch.attention_mask)
-            labels = logits_labels(logits[mask.to(logits.device)], spec, generator=generator, targets=targets)
+            labels = logits_labels(logits[mask.to(logits.device)], spec, generator=generator, targets=targets,
+                                   gather=ids)
         return owners, labels.start_host_copy()
 
     def run(batch: Batch) -> list[tuple[np.ndarray, HostLabels | np.ndarray]]:
@@ -180,14 +206,27 @@ def label_unit(
             pending = (owners, result)
     if pending is not None:
         per_batch.append((pending[0], pending[1].wait()))
-    stats.forward_seconds = time.perf_counter() - started
+    stats.forward_seconds += time.perf_counter() - started
+    return per_batch
 
-    block = _assemble(windows, lengths, per_batch, layout=layout, store_entropy=store_entropy)
-    stats.tokens = block.num_tokens
-    stats.positions = block.num_positions if layout.is_token_level else 0
-    if layout.is_token_level and per_batch:
-        _entropy_stats(per_batch, windows, stats)
-    return block, stats
+
+def in_window_order(per_batch: list[BatchLabels], name: str, width: int | None = None) -> np.ndarray:
+    """Field ``name`` of the batches' position labels, concatenated in window order (each
+    window's positions in order); ``width`` shapes the empty result of no batches."""
+    owners = np.concatenate([o for o, _ in per_batch]) if per_batch else np.zeros(0, np.int64)
+    order = np.argsort(owners, kind="stable")  # window order; positions stay in order inside
+    parts = [getattr(labels, name) for _, labels in per_batch]
+    if not parts:
+        return np.zeros((0, width) if width else (0,))
+    return np.concatenate(parts)[order]
+
+
+def class_rows(per_batch: list[BatchLabels], *, windows: int, num_classes: int) -> np.ndarray:
+    """sequence_probs: the ``[windows, classes]`` float32 class log-probabilities in window order."""
+    rows = np.zeros((windows, num_classes), dtype=np.float32)
+    for indices, class_lp in per_batch:
+        rows[indices] = class_lp
+    return rows
 
 
 def _entropy_stats(per_batch, windows: list[Window], stats: UnitStats) -> None:
@@ -224,10 +263,7 @@ def _assemble(windows: list[Window], lengths: np.ndarray, per_batch, *, layout: 
     )
     codec = get_value_codec(layout.value_codec)
     if layout.kind == "sequence_probs":
-        rows = np.zeros((n, layout.num_classes), dtype=np.float32)
-        for indices, class_lp in per_batch:
-            rows[indices] = class_lp
-        block.class_logprobs = codec.encode(rows)
+        block.class_logprobs = codec.encode(class_rows(per_batch, windows=n, num_classes=layout.num_classes))
         block.label = np.array([-1 if w.label is None else w.label for w in windows], dtype=np.int32)
         return block
 
@@ -236,16 +272,11 @@ def _assemble(windows: list[Window], lengths: np.ndarray, per_batch, *, layout: 
     order = np.argsort(owners, kind="stable")  # window order; positions stay in order inside
     labels = [lab for _, lab in per_batch]
 
-    def stacked(name: str, width: int | None = None) -> np.ndarray:
-        parts = [getattr(lab, name) for lab in labels]
-        if not parts:
-            return np.zeros((0, width) if width else (0,))
-        return np.concatenate(parts)[order]
-
     if layout.has_topk:
-        ids = stacked("topk_ids", layout.k)
+        ids = in_window_order(per_batch, "topk_ids", layout.k)
         block.topk_ids = encode_ids(ids.astype(np.int64), id_type=layout.id_type, vocab_size=layout.vocab_size).reshape(-1, layout.k)
-        block.topk_logprobs = codec.encode(stacked("topk_logprobs", layout.k).astype(np.float32)).reshape(-1, layout.k)
+        values = in_window_order(per_batch, "topk_logprobs", layout.k).astype(np.float32)
+        block.topk_logprobs = codec.encode(values).reshape(-1, layout.k)
     if layout.has_samples:
         offsets, sample_ids, sample_counts = _concat_ragged(labels)
         offsets, (sample_ids, sample_counts) = _ragged_take(offsets, [sample_ids, sample_counts], order)
@@ -255,11 +286,11 @@ def _assemble(windows: list[Window], lengths: np.ndarray, per_batch, *, layout: 
             raise ValueError("a sample count exceeds 65535; lower soft_labels.samples")
         block.sample_counts = sample_counts.astype(np.uint16)
     if store_entropy:
-        block.entropy = stacked("entropy").astype(np.float16)
+        block.entropy = in_window_order(per_batch, "entropy").astype(np.float16)
     if layout.target_logprob:
         # float16, like entropy: half the bytes of float32, and its rounding (at most 2**-11
         # relative, 0.004 nats at a log-probability of -10) averages out in a held-out CE
-        block.target_logprob = stacked("target_logprob").astype(np.float16)
+        block.target_logprob = in_window_order(per_batch, "target_logprob").astype(np.float16)
     return block
 
 

@@ -476,3 +476,21 @@ def test_cpu_row_blocks_do_not_change_any_result(monkeypatch, mode: str) -> None
     assert_labels_equal(whole, blocked)
     if mode != "sampled":
         assert_topk_matches(blocked, dense_reference(logits, 5))
+
+
+@pytest.mark.parametrize("chunk", [1, 7, 2048])
+def test_gathered_logprobs_are_the_full_log_softmax_at_the_ids_and_change_nothing_else(chunk: int) -> None:
+    P, V = 40, 90
+    logits = random_logits(P, V, seed=11)
+    ids = torch.randint(0, V, (P, 6), generator=gen(12))
+    ids[::3, 2:] = -1  # no id to look up: NaN
+    plain = logits_labels(logits, spec("topk+sampled", k=4, chunk=chunk), generator=gen(3))
+    looked = logits_labels(logits, spec("topk+sampled", k=4, chunk=chunk), generator=gen(3), gather=ids)
+    assert_labels_equal(plain, looked)
+    assert plain.gathered_logprobs is None
+    want = dense_reference(logits, 4)["logp"].gather(1, ids.clamp_min(0))
+    want[ids < 0] = float("nan")
+    torch.testing.assert_close(looked.gathered_logprobs, want, equal_nan=True, rtol=0, atol=1e-6)
+    assert looked.to_numpy().gathered_logprobs.shape == (P, 6)
+    with pytest.raises(ValueError, match="gather"):
+        logits_labels(logits, spec(), gather=ids[:5])
