@@ -221,6 +221,36 @@ def repack(source: str, dest: str, backend: str | None, compression: str | None,
 
 
 @main.command()
+@click.argument("cache", metavar="CACHE")
+@click.argument("dest", metavar="DEST")
+@click.option("--format", "fmt", type=click.Choice(["axolotl", "hf"]), required=True,
+              help="axolotl: the columns of axolotl's KD plugin; hf: the cache's own columns, decoded.")
+@click.option("--renormalize/--no-renormalize", default=True, show_default=True,
+              help="With --format axolotl: scale each position's targets to sum to 1, as axolotl's loaders do.")
+@click.option("--overwrite", is_flag=True, help="Replace an export of another cache or format at DEST.")
+@json_option("Print the summary as JSON.")
+@click.option("--no-progress", is_flag=True, help="Do not draw a progress bar.")
+def export(cache: str, dest: str, fmt: str, renormalize: bool, overwrite: bool, as_json: bool,
+           no_progress: bool) -> None:
+    """Write a cache as a Hugging Face Parquet dataset that other trainers read.
+
+    DEST gets one file per cache shard under data/ and a dataset card (README.md); load it
+    with datasets.load_dataset("parquet", data_dir=DEST, split="train"). For axolotl's KD
+    plugin:
+
+        logitcache export runs/cache runs/cache-axolotl --format axolotl
+
+    Each shard is checked against the cache's sha256 first; a killed export resumes with the
+    same command, and a cache that has grown since adds only its new shards.
+    """
+    from logitcache.stages.export_cache import export_cache
+
+    summary = export_cache(cache, dest, format=fmt, renormalize=renormalize, overwrite=overwrite,
+                           progress=not no_progress)
+    _print_result(as_json, summary.to_dict, summary.to_text)
+
+
+@main.command()
 @config_options
 @click.option("--overwrite", is_flag=True, help="Discard an existing cache at the configured path first.")
 @click.option("--repair", is_flag=True, help="First check every committed shard (as `logitcache verify` does) "
