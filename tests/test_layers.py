@@ -26,6 +26,7 @@ LAYERS = [
     ("logitcache.pipeline.distill", 4),
     ("logitcache.pipeline", 4),
     ("logitcache.stages", 5),
+    ("logitcache.integrations", 5),
     ("logitcache.cli", 6),
     ("logitcache.__main__", 6),
     ("logitcache", 0),  # the package's own __init__ (the version)

@@ -80,6 +80,7 @@ def test_python_blocks_run_in_order(tmp_path, monkeypatch, default_cache, capsys
     # the repack block wrote a verified copy, and the stage-two block read the training split
     assert CacheReader("runs/cache-lz4").manifest.storage["compression"] == "lz4"
     assert namespace["state"]  # the reader's resume state
+    assert namespace["trainer"].state.global_step == 2  # the Trainer block trained its steps
 
 
 @pytest.mark.parametrize("number", range(len(code_blocks("yaml"))))

@@ -271,10 +271,15 @@ class CacheDataset(IterableDataset):
             counts *= np.floor(factor).astype(np.int64) + (draw < factor - np.floor(factor))
         return np.repeat(np.arange(block.num_records), counts)
 
+    @property
+    def own_windows(self) -> int:
+        """How many of the cache's reading windows (of about ``shuffle_buffer`` records) this rank reads."""
+        return len(range(self.rank, self._num_windows, self.world_size))
+
     def lanes_for(self, workers: int) -> int:
         """How many lanes this rank reads with ``workers`` DataLoader workers (0: in-process);
         raises ConfigError when the workers cannot share them evenly."""
-        own = len(range(self.rank, self._num_windows, self.world_size))
+        own = self.own_windows
         consumers = max(workers, 1)
         lanes = min(self.lanes if self.lanes is not None else consumers, own)
         if lanes and lanes > consumers and lanes % consumers:

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -30,7 +30,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from logitcache.config import OptimizerConfig
+from logitcache.config import LossConfig, OptimizerConfig
 from logitcache.pipeline.common.padding import right_pad
 from logitcache.pipeline.distill.collate import SequenceBatch, TokenBatch, row_pieces
 from logitcache.pipeline.distill.distributed import Ranks
@@ -77,23 +77,38 @@ def token_batch_loss(student: Student, batch: TokenBatch) -> LossOutput:
     batch = batch.decoded()  # a no-op unless the top-k are still in their stored types
     with student.autocast():
         hidden = student.hidden_states(batch.input_ids, batch.position_ids)
-        mask = batch.label_mask
-        targets = SparseTargets(
-            topk_ids=None if batch.topk_ids is None else batch.topk_ids[mask],
-            topk_logprobs=None if batch.topk_logprobs is None else batch.topk_logprobs[mask],
-            sample_ids=None if batch.sample_ids is None else batch.sample_ids[mask],
-            sample_counts=None if batch.sample_counts is None else batch.sample_counts[mask],
-            kind=student_cache_kind(batch),
-        )
-        return distillation_loss(hidden[mask], student.head, targets, batch.hard_targets[mask],
-                                 cfg=student.cfg.loss, vocab_size=student.target_width,
-                                 teacher_entropy=None if batch.entropy is None else batch.entropy[mask])
+        return packed_distillation_loss(
+            hidden, student.head, label_mask=batch.label_mask, hard_targets=batch.hard_targets,
+            topk_ids=batch.topk_ids, topk_logprobs=batch.topk_logprobs, sample_ids=batch.sample_ids,
+            sample_counts=batch.sample_counts, entropy=batch.entropy, loss=student.cfg.loss,
+            vocab_size=student.target_width)
 
 
-def student_cache_kind(batch: TokenBatch) -> str:
-    if batch.topk_ids is not None and batch.sample_ids is not None:
+def packed_distillation_loss(hidden: Tensor, head: Callable[[Tensor], Tensor], *, label_mask: Tensor,
+                             hard_targets: Tensor, topk_ids: Tensor | None = None,
+                             topk_logprobs: Tensor | None = None, sample_ids: Tensor | None = None,
+                             sample_counts: Tensor | None = None, entropy: Tensor | None = None,
+                             loss: LossConfig, vocab_size: int) -> LossOutput:
+    """The loss of packed rows from their hidden states ``[B, L, H]`` (or anything ``head``
+    maps to logits) and the batch's ``[B, L, ...]`` teacher targets, on the labelled slots
+    only: the one computation behind ``logitcache train`` and the training-stack integrations."""
+    mask = label_mask
+
+    def at_labels(tensor: Tensor | None) -> Tensor | None:
+        return None if tensor is None else tensor[mask]
+
+    targets = SparseTargets(topk_ids=at_labels(topk_ids), topk_logprobs=at_labels(topk_logprobs),
+                            sample_ids=at_labels(sample_ids), sample_counts=at_labels(sample_counts),
+                            kind=cache_kind_of(has_topk=topk_ids is not None, has_samples=sample_ids is not None))
+    return distillation_loss(hidden[mask], head, targets, hard_targets[mask], cfg=loss, vocab_size=vocab_size,
+                             teacher_entropy=at_labels(entropy))
+
+
+def cache_kind_of(*, has_topk: bool, has_samples: bool) -> str:
+    """The token-level cache kind whose batches carry top-k and/or draws."""
+    if has_topk and has_samples:
         return "token_topk_sampled"
-    return "token_topk" if batch.topk_ids is not None else "token_sampled"
+    return "token_topk" if has_topk else "token_sampled"
 
 
 @dataclass(kw_only=True)
