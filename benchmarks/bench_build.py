@@ -7,7 +7,8 @@ For each teacher this measures:
   forward with the chunked LM head + float32 log-softmax / top-k / entropy, record assembly,
   encoding and writing on the background committer thread, manifest statistics;
 - **bare fwd s**: the same teacher (``load_teacher``, same config) over the same windows in the
-  same batches, recreated exactly as the build makes them (``iter_work_units`` ->
+  same batches (the build runs with ``teacher.packing: off``, one padded window per row;
+  ``bench_packing.py`` measures packed rows), recreated exactly as the build makes them (``iter_work_units`` ->
   ``make_windows`` -> ``plan_batches`` -> ``collate`` with the pad id ``label_unit`` uses, one
   unit at a time); only ``teacher.model(input_ids=..., attention_mask=..., use_cache=False)``
   under ``torch.inference_mode()`` is timed (``use_cache=False`` as the build's forward). The
@@ -154,8 +155,9 @@ def job_config(cache: Path, corpus: Path, model: Path, args: argparse.Namespace)
         "cache": str(cache),
         "corpus": {"data_files": [str(corpus)], "lang_column": "lang", "id_column": "id",
                    "unit_documents": args.unit_documents},
+        # padded rows, so that the bare forward can run the build's batches as plain forwards
         "teacher": {"model": str(model), "batch_tokens": args.batch_tokens, "device": args.device,
-                    "dtype": args.dtype},
+                    "dtype": args.dtype, "packing": "off"},
         "windows": {"max_length": args.max_length, "stride": args.stride},
         "soft_labels": {"k": args.k, "values": args.values},
     })

@@ -17,7 +17,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 from logitcache.config import LossConfig
 from logitcache.integrations.transformers import CacheBatches, loss_targets
-from logitcache.pipeline.distill.packed_attention import choose_packing_mask, packed_forward
+from logitcache.pipeline.common.packed_attention import choose_packing_mask, packed_forward
 from logitcache.pipeline.distill.training import packed_distillation_loss
 from logitcache.storage_schemas.shard_reader import CacheReader
 

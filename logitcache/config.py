@@ -109,8 +109,13 @@ def _coerce(value: Any, hint: Any, path: str, one_or_many: bool = False) -> Any:
     if origin in (typing.Union, types.UnionType):
         if value is None and type(None) in args:
             return None
-        (inner,) = [arg for arg in args if arg is not type(None)]
-        return _coerce(value, inner, path, one_or_many)
+        inner = [arg for arg in args if arg is not type(None)]
+        for option in inner[:-1]:  # the first type that takes the value; the last one's error otherwise
+            try:
+                return _coerce(value, option, path, one_or_many)
+            except ConfigError:
+                pass
+        return _coerce(value, inner[-1], path, one_or_many)
     if origin is Literal:
         if value not in args:
             raise ConfigError(f"{path}: must be one of {', '.join(args)}, got {_brief(value)}")
@@ -217,6 +222,10 @@ class CorpusConfig(_Section):
             )
 
 
+#: the placement strategies of accelerate's ``device_map`` (teacher.device_map)
+DEVICE_MAP_STRATEGIES = ("auto", "balanced", "balanced_low_0", "sequential")
+
+
 @dataclass(kw_only=True)
 class TeacherConfig(_Section):
     """The model whose soft labels are cached."""
@@ -228,8 +237,26 @@ class TeacherConfig(_Section):
     # Compute dtype; auto is bfloat16 on GPU and float32 on CPU.
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     device: str = "auto"  # Torch device such as cpu or cuda:0; auto picks a GPU when there is one.
+    # Spread the teacher's layers over the devices this process sees (accelerate), for a teacher
+    # bigger than one device: auto, balanced, balanced_low_0, sequential, or a mapping of module
+    # names to devices; None puts the whole teacher on teacher.device.
+    device_map: str | dict[str, Any] | None = None
     batch_tokens: int = _field(16384, ge=1)  # Tokens per teacher forward batch (padding included).
+    # Pack the windows of several documents into each forward row (each window attends only to
+    # itself, so records do not change): auto packs when a check of the teacher at its first
+    # use shows that it keeps packed windows apart, and pads otherwise; off pads every window.
+    packing: Literal["auto", "off"] = "auto"
     trust_remote_code: bool = False  # Allow model code from the hub repository to run.
+
+    def _validate(self) -> None:
+        if self.device_map is None:
+            return
+        if isinstance(self.device_map, str) and self.device_map not in DEVICE_MAP_STRATEGIES:
+            raise ConfigError(f"{self._where('device_map')}: must be one of {', '.join(DEVICE_MAP_STRATEGIES)} or a "
+                              f"mapping of module names to devices, got {_brief(self.device_map)}")
+        if self.device != "auto":
+            raise ConfigError(f"{self._where('device')}: with {self._where('device_map')} the teacher's layers are "
+                              f"placed by the map; leave teacher.device at auto, got {self.device!r}")
 
 
 @dataclass(kw_only=True)
@@ -325,6 +352,9 @@ class ExecutorConfig(_Section):
     # Dask resources every unit task needs, e.g. {GPU: 1} with workers started with --resources GPU=1.
     task_resources: dict[str, float] = _field(factory=dict)
     connect_timeout: float = _field(30.0, gt=0)  # Seconds to wait for the scheduler at address.
+    # Who encodes, writes and hashes a Dask unit's shard: the worker that labelled it (into the
+    # cache's _incomplete/, so workers must reach the cache location), or the driver.
+    shard_writer: Literal["workers", "driver"] = "workers"
 
     def _validate(self) -> None:
         if self.address is not None and self.kind != "dask":

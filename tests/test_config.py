@@ -369,12 +369,14 @@ def test_fingerprint_excludes_data_files_and_tracks_k():
     grown = config_from_dict(minimal(corpus={"data_files": ["a.jsonl", "b.jsonl"]}))
     other_k = config_from_dict(minimal(soft_labels={"k": 4}))
     other_executor = config_from_dict(minimal(executor={"kind": "dask", "n_workers": 8}))
+    unpacked = config_from_dict(minimal(teacher={"model": "t", "packing": "off"}))  # only how the forward batches run
     fingerprint = config_fingerprint_fields(base)
     assert "data_files" not in fingerprint["corpus"]
     assert set(fingerprint) == {"corpus", "teacher", "windows", "soft_labels", "storage"}
     assert set(fingerprint["teacher"]) == {"model", "revision", "task", "dtype"}
     assert config_fingerprint_fields(grown) == fingerprint
     assert config_fingerprint_fields(other_executor) == fingerprint
+    assert config_fingerprint_fields(unpacked) == fingerprint
     assert config_fingerprint_fields(other_k) != fingerprint
     assert config_fingerprint_fields(other_k)["soft_labels"]["k"] == 4
 

@@ -38,10 +38,10 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoin
 
 from logitcache.config import JobConfig, LossConfig, OptimizerConfig
 from logitcache.errors import StudentError
+from logitcache.pipeline.common.packed_attention import block_causal_mask, choose_packing_mask
 from logitcache.pipeline.distill.collate import PackedBatches, TokenBatch, TokenPacker, rows_for
 from logitcache.pipeline.distill.dataset import CacheDataset
 from logitcache.pipeline.distill.losses import IGNORE_INDEX, check_loss_supported
-from logitcache.pipeline.distill.packed_attention import block_causal_mask, choose_packing_mask
 from logitcache.pipeline.distill.training import lr_factor, make_optimizer, packed_distillation_loss
 from logitcache.storage_schemas.shard_reader import CacheReader
 

@@ -414,8 +414,10 @@ def fresh_labels(teacher: Teacher, block: RecordBlock, *, layout: RecordLayout, 
     parts: list[dict[str, np.ndarray]] = []
     with tqdm(total=len(windows), desc="fidelity", unit=" record", disable=not progress, dynamic_ncols=True) as bar:
         for start, stop in _chunks(block.token_offsets, 4 * batch_tokens):
+            # padded rows: a forward independent of the packing a build may have used
             per_batch = label_windows(teacher, windows[start:stop], spec=spec, layout=layout, batch_tokens=batch_tokens,
-                                      seed=0, stats=stats, gather=None if lookups is None else lookups[start:stop])
+                                      packing="off", seed=0, stats=stats,
+                                      gather=None if lookups is None else lookups[start:stop])
             if layout.is_token_level:
                 parts.append({"topk_logprobs": in_window_order(per_batch, "topk_logprobs", spec.k),
                               "entropy": in_window_order(per_batch, "entropy"),

@@ -254,6 +254,8 @@ def build_cache(cfg: JobConfig, *, overwrite: bool = False, repair: bool = False
         if repair and writer.committed_units:
             summary.repaired_units = _forget_damaged(writer, cfg.cache)
         committed = committed_parts(writer.manifest.shards) if writer.committed_units else {}
+        if executor.name == "dask" and cfg.executor.shard_writer == "workers":
+            task = replace(task, shards=writer.target())  # workers write their own shards
         bar = stack.enter_context(tqdm(desc="build", unit=" unit", total=estimate_units(cfg.corpus) if progress else None,
                                        disable=not progress, dynamic_ncols=True))
 
@@ -289,14 +291,18 @@ def build_cache(cfg: JobConfig, *, overwrite: bool = False, repair: bool = False
                 lock.ensure_held()
                 if labelled.no_tokens:
                     _count(summary.skipped_documents, {"no_tokens": labelled.no_tokens})
-                committer.submit(labelled.block, unit_id=unit.unit_id, stats={
+                entry_stats = {
                     **stats, "unit_fingerprint": unit.fingerprint, "source": unit.source,
                     "first_row": unit.first_row, "num_rows": unit.num_rows, "skipped_documents": unit.skipped,
                     "documents": unit.num_documents, "text_bytes": unit.text_bytes,
                     "labelled_by": f"{labelled.host}:{labelled.pid}",
-                })
+                }
+                if labelled.staged is not None:
+                    committer.submit_staged(labelled.staged, stats=entry_stats)
+                else:
+                    committer.submit(labelled.block, unit_id=unit.unit_id, stats=entry_stats)
                 summary.units_built += 1
-                summary.records += labelled.block.num_records
+                summary.records += labelled.records
                 summary.tokens += stats["tokens"]
                 summary.positions += stats["positions"]
                 summary.padded_tokens += stats["padded_tokens"]

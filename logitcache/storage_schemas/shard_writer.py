@@ -31,11 +31,14 @@ import copy
 import errno
 import re
 import time
+import uuid
+from dataclasses import dataclass
 from typing import Any
 
 from logitcache.errors import CacheWriteError, IncompatibleCacheError
 from logitcache.storage_schemas.backends import get_backend
 from logitcache.storage_schemas.fingerprint import diff_fields, fingerprint
+from logitcache.storage_schemas.layout import RecordLayout
 from logitcache.storage_schemas.location import CacheLocation
 from logitcache.storage_schemas.manifest import (
     FORMAT_VERSION,
@@ -68,11 +71,72 @@ def shard_name(unit_id: str, extension: str) -> str:
     return f"part-{unit_id}{extension}"
 
 
+@dataclass(frozen=True, kw_only=True)
+class ShardTarget:
+    """Where and how a cache's shards are written: all a process needs to stage one."""
+
+    url: str
+    backend: str
+    storage: StorageSettings
+    layout: RecordLayout
+    config_fingerprint: str
+
+
+@dataclass(frozen=True, kw_only=True)
+class StagedShard:
+    """A shard written, fsynced and hashed under ``_incomplete/``, not yet committed: what a
+    worker hands back to the build instead of its records."""
+
+    unit_id: str
+    name: str  # its file name in shards/
+    staging: str  # its path under _incomplete/, relative to the cache
+    records: int
+    tokens: int
+    positions: int
+    bytes: int
+    sha256: str
+    blocks: int
+    langs: dict[str, dict[str, int]]
+    write_seconds: float
+    config_fingerprint: str
+
+
+def stage_shard(target: ShardTarget, block: RecordBlock, *, unit_id: str,
+                location: CacheLocation | None = None, committed: int | None = None) -> StagedShard:
+    """Steps 1 and 2 of a commit (module docstring) wherever this runs: the shard of ``block``
+    written under ``_incomplete/`` with a name of its own (another attempt at the same unit
+    never writes into it), fsynced and hashed. Raises CacheWriteError on a storage error,
+    after removing what it wrote (``committed``: the cache's committed shards, for its message)."""
+    location = location or CacheLocation(target.url)
+    backend = get_backend(target.backend)
+    layout = target.layout
+    block.validate(layout)
+    name = shard_name(unit_id, backend.extension)
+    staging = f"{INCOMPLETE_DIR}/{uuid.uuid4().hex[:12]}-{name}"
+    started = time.perf_counter()
+    step = f"writing shard {name} of unit {unit_id}"
+    try:
+        num_blocks = backend.write(location, staging, block, layout=layout, storage=target.storage,
+                                   metadata={"config_fingerprint": target.config_fingerprint, "unit_id": unit_id})
+        step = f"syncing shard {name} of unit {unit_id} to disk (fsync)"
+        location.sync_tree(staging)
+        size, sha256 = location.digest(staging)
+    except OSError as exc:
+        with contextlib.suppress(OSError):
+            location.remove(staging)
+        raise storage_failure(exc, url=location.url, what=step, committed=committed) from exc
+    return StagedShard(unit_id=unit_id, name=name, staging=staging, records=block.num_records,
+                       tokens=block.num_tokens, positions=block.num_positions if layout.is_token_level else 0,
+                       bytes=size, sha256=sha256, blocks=num_blocks, langs=block.lang_counts(),
+                       write_seconds=round(time.perf_counter() - started, 4),
+                       config_fingerprint=target.config_fingerprint)
+
+
 _FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
 _DENIED = (errno.EACCES, errno.EPERM, errno.EROFS)
 
 
-def storage_failure(exc: OSError, *, url: str, what: str, committed: int) -> CacheWriteError:
+def storage_failure(exc: OSError, *, url: str, what: str, committed: int | None) -> CacheWriteError:
     """A CacheWriteError for ``exc``: what failed, where, what is safe and what to do."""
     reason = exc.strerror or str(exc) or type(exc).__name__
     if exc.errno is not None and exc.errno in errno.errorcode:
@@ -88,7 +152,8 @@ def storage_failure(exc: OSError, *, url: str, what: str, committed: int) -> Cac
         fix = "Fix the storage problem,"
     return CacheWriteError(
         f"cannot write to cache {url}: {what} failed ({reason}). "
-        f"The {committed} shard(s) committed before it are intact and the manifest lists only those. "
+        f"The {'' if committed is None else f'{committed} '}shard(s) committed before it are intact and the manifest "
+        "lists only those. "
         f"{fix} then run the same command again: it continues with the units not yet committed."
     )
 
@@ -170,38 +235,45 @@ class ShardWriter:
         """Write, fsync, hash and rename one shard, then commit it to the manifest."""
         if unit_id in self.committed_units:
             raise ValueError(f"work unit {unit_id!r} is already committed to {self.location.url}")
+        return self.commit_staged(self.stage(block, unit_id=unit_id), stats=stats)
+
+    def target(self) -> ShardTarget:
+        """Where and how the shards of this cache are written, for writers elsewhere (a worker
+        that stages its unit's shard with :func:`stage_shard`)."""
+        manifest = self._template if self._replace_on_commit else self.manifest  # what the next commit makes
+        return ShardTarget(url=self.location.url, backend=manifest.backend, storage=self.storage,
+                           layout=manifest.layout, config_fingerprint=manifest.config_fingerprint)
+
+    def stage(self, block: RecordBlock, *, unit_id: str) -> StagedShard:
+        """Steps 1 and 2 here: the shard written under ``_incomplete/``, fsynced and hashed."""
+        return stage_shard(self.target(), block, unit_id=unit_id, location=self.location,
+                           committed=0 if self._replace_on_commit else len(self.manifest.shards))
+
+    def commit_staged(self, staged: StagedShard, *, stats: dict[str, Any] | None = None) -> ShardEntry:
+        """Steps 3 and 4 for a shard staged here or by a worker: checked to be where and as large
+        as it was staged, renamed into ``shards/`` and committed to the manifest."""
+        unit_id = staged.unit_id
+        if unit_id in self.committed_units:
+            raise ValueError(f"work unit {unit_id!r} is already committed to {self.location.url}")
         if self._replace_on_commit:
             try:
                 self._replace_existing()
             except OSError as exc:
                 raise storage_failure(exc, url=self.location.url, what="discarding the old cache (--overwrite)",
                                       committed=len(self.committed_units)) from exc
-        layout = self.manifest.layout
-        block.validate(layout)
-        name = shard_name(unit_id, self.backend.extension)
-        staging, final = f"{INCOMPLETE_DIR}/{name}", f"{SHARDS_DIR}/{name}"
-        started = time.perf_counter()
-        step = f"writing shard {name} of unit {unit_id}"
+        final = f"{SHARDS_DIR}/{staged.name}"
+        step = f"moving shard {staged.name} of unit {unit_id} into {SHARDS_DIR}/ (rename)"
         try:
-            self.location.remove(staging)
-            num_blocks = self.backend.write(
-                self.location, staging, block, layout=layout, storage=self.storage,
-                metadata={"config_fingerprint": self.manifest.config_fingerprint, "unit_id": unit_id},
-            )
-            step = f"syncing shard {name} of unit {unit_id} to disk (fsync)"
-            self.location.sync_tree(staging)
-            size, sha256 = self.location.digest(staging)
-            step = f"moving shard {name} of unit {unit_id} into {SHARDS_DIR}/ (rename)"
-            self.location.rename(staging, final)
+            self._check_staged(staged)
+            self.location.rename(staged.staging, final)
         except OSError as exc:
-            self._discard(staging)
+            self._discard(staged.staging)
             raise storage_failure(exc, url=self.location.url, what=step,
                                   committed=len(self.manifest.shards)) from exc
         entry = ShardEntry(
-            unit_id=unit_id, path=final, records=block.num_records, tokens=block.num_tokens,
-            positions=block.num_positions if layout.is_token_level else 0, bytes=size,
-            sha256=sha256, blocks=num_blocks, langs=block.lang_counts(),
-            stats={"write_seconds": round(time.perf_counter() - started, 4), **(stats or {})},
+            unit_id=unit_id, path=final, records=staged.records, tokens=staged.tokens, positions=staged.positions,
+            bytes=staged.bytes, sha256=staged.sha256, blocks=staged.blocks, langs=staged.langs,
+            stats={"write_seconds": staged.write_seconds, **(stats or {})},
         )
         # units may finish in any order (a Dask build); the manifest lists them by unit id so
         # that a cache's shard order, and so a reader's order, does not depend on who built it
@@ -220,6 +292,19 @@ class ShardWriter:
                                   what=f"saving {MANIFEST_FILE} to commit unit {unit_id}",
                                   committed=len(self.manifest.shards)) from exc
         return entry
+
+    def _check_staged(self, staged: StagedShard) -> None:
+        """A staged shard must still be there, as large as its writer measured it (a second
+        attempt at a unit, or a cleanup, may have removed or replaced it since)."""
+        if staged.config_fingerprint != self.manifest.config_fingerprint:
+            raise IncompatibleCacheError(f"shard {staged.name} of unit {staged.unit_id} was staged for another "
+                                         "configuration of this cache; build the unit again")
+        if not self.location.exists(staged.staging):
+            raise FileNotFoundError(errno.ENOENT, "the staged shard is gone", staged.staging)
+        size = self.location.fs.du(self.location.full(staged.staging), total=True)
+        if size != staged.bytes:
+            raise OSError(errno.EIO, f"the staged shard has {size} bytes, its writer wrote {staged.bytes}",
+                          staged.staging)
 
     def forget_units(self, unit_ids: set[str]) -> list[ShardEntry]:
         """Take ``unit_ids`` out of the manifest (saved at once, so readers stop using them),

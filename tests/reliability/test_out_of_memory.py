@@ -1,7 +1,8 @@
 """Out of device memory in stage one: a batch too large is split and retried, not fatal.
 
-The device is simulated on the CPU: the teacher's forward (or its LM head, after the
-sampling uniforms were drawn) raises an out-of-memory error for inputs above a size. The
+The device is simulated on the CPU: the teacher's forward, on padded or packed rows (or its
+LM head, after the sampling uniforms were drawn) raises an out-of-memory error for inputs
+above a size. The
 build must split those batches until they fit, count the splits, and write exactly the
 cache an unsplit build writes; a window that does not fit alone is a clear error.
 """
@@ -31,17 +32,19 @@ def limit(monkeypatch, *, where: str, above: int, error: str = "torch") -> list[
     """Make the teacher's ``where`` raise out-of-memory for inputs of more than ``above``
     tokens (forward) or positions (head); return the sizes that did fit."""
     fitted: list[int] = []
-    name = {"forward": "hidden_states", "head": "head"}[where]
-    original = getattr(Teacher, name)
+    names = {"forward": ("hidden_states", "packed_hidden_states"), "head": ("head",)}[where]
 
-    def guarded(self, *args):
-        size = args[0].numel() if where == "forward" else args[0].shape[0]
-        if size > above:
-            raise ERRORS[error]()
-        fitted.append(size)
-        return original(self, *args)
+    def guard(original):
+        def guarded(self, *args):
+            size = args[0].numel() if where == "forward" else args[0].shape[0]
+            if size > above:
+                raise ERRORS[error]()
+            fitted.append(size)
+            return original(self, *args)
+        return guarded
 
-    monkeypatch.setattr(Teacher, name, guarded)
+    for name in names:  # padded rows and packed ones
+        monkeypatch.setattr(Teacher, name, guard(getattr(Teacher, name)))
     return fitted
 
 
@@ -60,8 +63,9 @@ def test_a_batch_too_large_for_the_device_is_split_and_labels_are_unchanged(
     assert cfg.teacher.batch_tokens == 400  # batches of up to 8 windows of 48 tokens
     build_cache(cfg, progress=False)
     assert fitted and max(fitted) <= above
-    splits = [shard.stats["oom_splits"] for shard in CacheReader(str(tmp_path / "cache")).shards]
-    assert all(n > 0 for n in splits), splits
+    shards = CacheReader(str(tmp_path / "cache")).shards
+    assert all(shard.stats["oom_splits"] > 0 for shard in shards), [shard.stats["oom_splits"] for shard in shards]
+    assert {shard.stats["packing"] for shard in shards} == {"packed"}  # split by rows of packed windows
     assert _records(tmp_path / "cache").equals(unsplit)
 
 

@@ -64,6 +64,7 @@ def test_labels_equal_a_plain_full_logit_forward(tmp_path, corpus_dir, tiny_caus
     assert summary.units_built == 6 and summary.units_skipped == 0  # 2 files x (10 + 10 + 5)
     reader, block = read_all(tmp_path / "cache")
     assert verify_cache(str(tmp_path / "cache"), deep=True).ok
+    assert {entry.stats["packing"] for entry in reader.shards} == {"packed"}  # teacher.packing: auto
     teacher = load_teacher(cfg.teacher)
     values = block.decoded_topk_logprobs(reader.layout)
     bound = get_value_codec(codec).max_abs_error + 1e-4
@@ -373,3 +374,12 @@ def test_a_cache_built_before_target_logprob_keeps_growing_without_it(tmp_path):
     assert keep_existing_columns(str(tmp_path / "old"), new) == new  # no shard yet: nothing to keep
     writer.commit(make_block(old), unit_id="u0")
     assert keep_existing_columns(str(tmp_path / "old"), new) == old
+
+
+def test_a_teacher_placed_by_a_device_map_builds_the_same_records(tmp_path, corpus_dir, tiny_causal_lm_dir):
+    build_cache(job(tmp_path / "whole", corpus_dir, tiny_causal_lm_dir), progress=False)
+    placed = job(tmp_path / "placed", corpus_dir, tiny_causal_lm_dir, teacher={"device_map": "auto"})
+    build_cache(placed, progress=False)
+    whole, mapped = sorted_by_record(read_all(tmp_path / "whole")[1]), sorted_by_record(read_all(tmp_path / "placed")[1])
+    assert np.array_equal(whole.topk_ids, mapped.topk_ids)
+    np.testing.assert_allclose(whole.topk_logprobs, mapped.topk_logprobs, atol=1e-5)

@@ -26,10 +26,17 @@ as pad; positions are masked by ``attention_mask``, so the choice does not chang
 classifier whose config has no ``pad_token_id`` gets the tokenizer's, since transformers'
 classifiers find each sequence's last real token through it. Fingerprints are computed before
 these changes, so they describe the tokenizer as published.
+
+Packed rows: stage one puts the windows of several documents into one row, with position ids
+that restart at each window (:mod:`~logitcache.pipeline.capture.batches`). Whether a model keeps
+such windows apart, by itself or with an explicit block mask, depends on its class and
+attention implementation, so :meth:`Teacher.packed_rows` measures it once, at first use; a
+teacher it refuses runs on padded rows.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 from dataclasses import dataclass
@@ -49,13 +56,23 @@ from logitcache.pipeline.common.hf_models import (
     source_problem,
     tokenizer_fingerprints,
 )
+from logitcache.pipeline.common.packed_attention import block_causal_mask, choose_packing_mask
 
-__all__ = ["Teacher", "load_teacher"]
+__all__ = ["PackedRows", "Teacher", "load_teacher"]
 
 _TASK_OF_SUFFIX = {"ForCausalLM": "causal_lm", "LMHeadModel": "causal_lm",
                    "ForSequenceClassification": "sequence_classification"}
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
 _sha_memo: dict[tuple, str] = {}
+
+
+@dataclass(frozen=True, kw_only=True)
+class PackedRows:
+    """What the packing probe found about a teacher (:meth:`Teacher.packed_rows`)."""
+
+    ok: bool  # windows packed into one row stay apart
+    mask_form: str | None = None  # None: the position ids keep them apart; else the block mask's form
+    note: str = ""  # why windows are not packed, when not ok
 
 
 @dataclass(kw_only=True)
@@ -74,6 +91,13 @@ class Teacher:
     identity: dict[str, Any]
     tokenizer_info: dict[str, Any]
     split_head_ok: bool = False  # hidden_states + head reproduce logits (see module docstring)
+    head_device: torch.device | None = None  # where the LM head runs (teacher.device_map); None: ``device``
+    packing: PackedRows | None = None  # how windows share a row, once probed (packed_rows)
+
+    @property
+    def label_device(self) -> torch.device:
+        """The device of the head's logits, where top-k, sampling and entropy run."""
+        return self.head_device or self.device
 
     @property
     def pad_token_id(self) -> int:
@@ -96,12 +120,48 @@ class Teacher:
         head = self.model.get_output_embeddings()
         if head is None:
             raise TeacherError(f"{type(self.model).__name__} has no LM head (output embeddings)")
-        return head(hidden.to(self.device, self.dtype))
+        return head(hidden.to(self.label_device, self.dtype))
 
     @torch.inference_mode()
     def logits(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
         """The plain full forward, ``model(...).logits``: the reference path."""
         return self.model(**self._inputs(input_ids, attention_mask), use_cache=False).logits
+
+    def packed_rows(self) -> PackedRows:
+        """Whether windows of several documents may share a forward row, and with which mask:
+        probed at the first call (a few dozen tokens through the model), then kept."""
+        if self.packing is None:
+            self.packing = self._probe_packing()
+        return self.packing
+
+    def _probe_packing(self) -> PackedRows:
+        if self.task != "causal_lm":
+            return PackedRows(ok=False, note="a sequence classifier pools each row into one record")
+        try:
+            form = choose_packing_mask(self.model, device=self.device, autocast=contextlib.nullcontext,
+                                       where="teacher", error=TeacherError)
+        except TeacherError as refusal:
+            return PackedRows(ok=False, note=str(refusal))
+        return PackedRows(ok=True, mask_form=form)
+
+    def _packed_inputs(self, input_ids: Tensor, position_ids: Tensor) -> dict[str, Tensor]:
+        inputs = {"input_ids": input_ids.to(self.device), "position_ids": position_ids.to(self.device)}
+        form = self.packed_rows().mask_form
+        if form is not None:
+            inputs["attention_mask"] = block_causal_mask(inputs["position_ids"], form=form, dtype=self.dtype)
+        return inputs
+
+    @torch.inference_mode()
+    def packed_hidden_states(self, input_ids: Tensor, position_ids: Tensor) -> Tensor:
+        """:meth:`hidden_states` of packed rows, whose ``position_ids`` restart at 0 for each
+        window; each window attends only to itself (see :meth:`packed_rows`)."""
+        output = base_model_of(self.model)(**self._packed_inputs(input_ids, position_ids), use_cache=False)
+        return output.last_hidden_state if hasattr(output, "last_hidden_state") else output[0]
+
+    @torch.inference_mode()
+    def packed_logits(self, input_ids: Tensor, position_ids: Tensor) -> Tensor:
+        """:meth:`logits` of packed rows (as :meth:`packed_hidden_states`)."""
+        return self.model(**self._packed_inputs(input_ids, position_ids), use_cache=False).logits
 
     def class_logprobs(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
         """Sequence classification: float32 log-probabilities of the classes, ``[B, C]``."""
@@ -121,9 +181,11 @@ class Teacher:
         input_ids = (torch.arange(16).reshape(2, 8) * 37 + 5) % real
         attention_mask = torch.ones_like(input_ids)
         attention_mask[1, 5:] = 0  # right padding in the second row
-        keep = attention_mask.bool().to(self.device)
-        reference = self.logits(input_ids, attention_mask)[keep].float()
-        split = self.head(self.hidden_states(input_ids, attention_mask)[keep]).float()
+        keep = attention_mask.bool()
+        logits = self.logits(input_ids, attention_mask)
+        reference = logits[keep.to(logits.device)].float()
+        hidden = self.hidden_states(input_ids, attention_mask)
+        split = self.head(hidden[keep.to(hidden.device)]).float()
         if split.shape != reference.shape:
             return False
         scale = max(1.0, reference.abs().max().item())
@@ -190,6 +252,31 @@ def _check_task(cfg: TeacherConfig, config: Any) -> None:
                                f"{cfg.task}; set teacher.task: {kind} (--set teacher.task={kind})")
 
 
+def _placement(cfg: TeacherConfig) -> dict[str, Any]:
+    """``from_pretrained``'s placement arguments for ``teacher.device_map`` (accelerate's)."""
+    if cfg.device_map is None:
+        return {}
+    try:
+        import accelerate  # noqa: F401  (transformers places the layers with it)
+    except ImportError:
+        raise TeacherError("teacher.device_map needs accelerate: pip install 'logitcache[hf]' "
+                           "(or pip install accelerate)") from None
+    return {"device_map": cfg.device_map}
+
+
+def _placed_devices(cfg: TeacherConfig, model: Any) -> tuple[torch.device, torch.device]:
+    """(where the inputs go, where the head runs) of a teacher placed by ``teacher.device_map``."""
+    first = model.get_input_embeddings().weight.device
+    head = model.get_output_embeddings() if cfg.task == "causal_lm" else None
+    last = next(head.parameters()).device if head is not None else first
+    for where in (first, last):
+        if where.type == "meta":
+            raise TeacherError(f"teacher.device_map {cfg.device_map!r} offloads part of {cfg.model!r} to disk, which "
+                               "stage one does not run; give the teacher's devices more memory, or use a map without "
+                               "offloading")
+    return first, last
+
+
 def load_teacher(cfg: TeacherConfig) -> Teacher:
     """Load ``cfg.model`` for ``cfg.task`` on the resolved device and dtype; raise TeacherError
     (exit code 2) with what to do when it is missing, mismatched or unusable."""
@@ -204,6 +291,7 @@ def load_teacher(cfg: TeacherConfig) -> Teacher:
 
     device = resolve_device(cfg.device)
     dtype = resolve_dtype(cfg.dtype, device)
+    placement = _placement(cfg)
     name, local = _source(cfg)
     common = {"revision": cfg.revision, "trust_remote_code": cfg.trust_remote_code}
     try:
@@ -217,7 +305,8 @@ def load_teacher(cfg: TeacherConfig) -> Teacher:
     auto = AutoModelForCausalLM if cfg.task == "causal_lm" else AutoModelForSequenceClassification
     dtype_kwarg = "dtype" if Version(transformers.__version__) >= Version("4.56") else "torch_dtype"
     try:
-        model, info = auto.from_pretrained(name, config=config, output_loading_info=True, **common, **{dtype_kwarg: dtype})
+        model, info = auto.from_pretrained(name, config=config, output_loading_info=True, **common,
+                                           **{dtype_kwarg: dtype}, **placement)
     except ValueError as error:  # "Unrecognized configuration class ... for this kind of AutoModel"
         archs = ", ".join(getattr(config, "architectures", None) or [config.model_type])
         raise TeacherError(f"teacher.task: {cfg.model!r} ({archs}) cannot be loaded as {cfg.task}; "
@@ -231,7 +320,12 @@ def load_teacher(cfg: TeacherConfig) -> Teacher:
         raise TeacherError(f"teacher.model: {cfg.model!r} has no weights for {', '.join(missing[:5])}"
                            f"{' ...' if len(missing) > 5 else ''} as {type(model).__name__}; they would be random. "
                            "Check teacher.task and that the checkpoint is complete")
-    model.eval().to(device)
+    head_device = None
+    if placement:
+        device, head_device = _placed_devices(cfg, model)
+        model.eval()
+    else:
+        model.eval().to(device)
 
     tokenizer_info = {"name_or_path": cfg.model, **tokenizer_fingerprints(tokenizer)}
     if tokenizer.pad_token is None:  # batching needs one; masked positions never reach a label
@@ -262,6 +356,6 @@ def load_teacher(cfg: TeacherConfig) -> Teacher:
     }
     teacher = Teacher(model=model, tokenizer=tokenizer, task=cfg.task, device=device, dtype=dtype,
                       vocab_size=int(vocab_size), num_classes=num_classes, identity=identity,
-                      tokenizer_info=tokenizer_info)
+                      tokenizer_info=tokenizer_info, head_device=head_device)
     teacher.split_head_ok = teacher.check_split_head()
     return teacher

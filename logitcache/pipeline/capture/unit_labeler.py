@@ -1,12 +1,20 @@
 """Label one work unit: its windows through the teacher, out as one RecordBlock.
 
-The unit's windows are batched by a token budget (longest first, so padding stays small),
-run through the teacher, and only the labelled positions (after each window's left
-context, before its padding) are gathered from the final hidden states and handed to
+The unit's windows are batched by a token budget (:mod:`~logitcache.pipeline.capture.batches`):
+packed several to a row when ``teacher.packing`` is auto and the teacher keeps packed windows
+apart (probed once, :meth:`~logitcache.pipeline.capture.teacher.Teacher.packed_rows`), else
+one window per padded row. Padding costs compute and buys nothing, and many short windows
+next to a few long ones pad a lot; packing changes only how the forward runs, since every
+window attends only to itself and its labels are gathered by window. So only the labelled
+positions (after each window's left context, inside the window: never another window's
+tokens or padding) are gathered from the final hidden states and handed to
 :func:`~logitcache.pipeline.capture.soft_labels.label_positions`, which runs the LM head, the
 float32 log-softmax and the top-k / sampling / entropy in chunks on the device, together
 with each position's actual next token when the layout stores the teacher's log-probability
-of it (``target_logprob``; a window's last token has no next token in the window: NaN).
+of it (``target_logprob``; a window's last token has no next token in the window: NaN, even
+where a packed row goes on with the next window). The unit's records come out in window
+order whatever the batches were, so the shard is the same with packing on or off, up to the
+float rounding that any other batching (another ``batch_tokens``) changes too.
 
 Overlap: on CUDA the results of batch *i* are copied to pinned host memory with an event
 recorded behind them; the host waits for that event (not for the whole stream) only after
@@ -17,13 +25,13 @@ unit on another thread while this one is labelled.
 Sampling is seeded per unit, from (soft_labels.seed, unit id), and the batches of a unit
 are a pure function of its windows, so re-running a unit gives the same records.
 
-Out of memory. A batch whose forward runs out of device memory is split in two halves and
-each is retried (recursively, down to one window), after the device cache is emptied and
-the sampling generator rewound to where the batch started. The halves keep the batch's
-rows in order and its padded width, and sampling draws one uniform per position in
-position order, so the records are those of an unsplit run. A single window that still
-does not fit raises :class:`TeacherOutOfMemoryError`. ``UnitStats.oom_splits`` counts the
-splits.
+Out of memory. A batch whose forward runs out of device memory is split by rows in two
+halves and each is retried (recursively, down to one row), after the device cache is emptied
+and the sampling generator rewound to where the batch started. The halves keep the batch's
+rows in order and its width, and sampling draws one uniform per position in position order,
+so the records are those of an unsplit run. A single row (one window, or the windows packed
+into it) that still does not fit raises :class:`TeacherOutOfMemoryError`.
+``UnitStats.oom_splits`` counts the splits.
 """
 
 from __future__ import annotations
@@ -36,7 +44,7 @@ import numpy as np
 import torch
 
 from logitcache.errors import TeacherError
-from logitcache.pipeline.capture.batches import Batch, collate, plan_batches
+from logitcache.pipeline.capture.batches import Batch, unit_batches
 from logitcache.pipeline.capture.soft_labels import (
     HostLabels,
     PositionLabelsNumpy,
@@ -60,6 +68,9 @@ class UnitStats:
     padded_tokens: int = 0
     batches: int = 0
     oom_splits: int = 0  # batches split in two after the device ran out of memory
+    packing: str = "padded"  # packed: windows of several documents share rows; padded: one window a row
+    packing_mask: str | None = None  # packed rows' explicit block mask, when the teacher needs one
+    packing_note: str = ""  # why windows were not packed although teacher.packing is auto
     forward_seconds: float = 0.0
     entropy_sum: dict[str, float] = field(default_factory=dict)  # per language, over positions
     entropy_positions: dict[str, int] = field(default_factory=dict)
@@ -68,14 +79,20 @@ class UnitStats:
         return {
             "windows": self.windows, "tokens": self.tokens, "positions": self.positions,
             "padded_tokens": self.padded_tokens, "batches": self.batches, "oom_splits": self.oom_splits,
+            "packing": self.packing, **({"packing_mask": self.packing_mask} if self.packing_mask else {}),
+            **({"packing_note": self.packing_note} if self.packing_note else {}),
             "forward_seconds": round(self.forward_seconds, 4),
             "entropy_sum": {k: round(v, 4) for k, v in self.entropy_sum.items()},
             "entropy_positions": dict(self.entropy_positions),
         }
 
 
+#: The values of ``teacher.packing``.
+PACKING = ("auto", "off")
+
+
 class TeacherOutOfMemoryError(TeacherError):
-    """One window alone does not fit the device memory."""
+    """One row alone (a window, or the windows packed into it) does not fit the device memory."""
 
 
 def is_out_of_memory(error: BaseException) -> bool:
@@ -83,36 +100,43 @@ def is_out_of_memory(error: BaseException) -> bool:
         isinstance(error, RuntimeError) and "out of memory" in str(error).lower())
 
 
-def _halves(batch: Batch) -> tuple[Batch, Batch]:
-    """The first and second half of a batch's rows, at the batch's padded width."""
-    half = len(batch.indices) // 2
-    return tuple(Batch(indices=batch.indices[rows], input_ids=batch.input_ids[rows],
-                       attention_mask=batch.attention_mask[rows], lengths=batch.lengths[rows])
-                 for rows in (slice(0, half), slice(half, None)))
-
-
 def unit_seed(base_seed: int, unit_id: str) -> int:
     digest = hashlib.blake2b(f"{base_seed}\x00{unit_id}".encode(), digest_size=8).digest()
     return int.from_bytes(digest, "little") & ((1 << 63) - 1)
 
 
-def _labelled_mask(batch, windows: list[Window]) -> torch.Tensor:
-    width = batch.input_ids.shape[1]
-    context = torch.tensor([windows[i].context_length for i in batch.indices], dtype=torch.int64)
-    cols = torch.arange(width)
-    lengths = torch.from_numpy(batch.lengths)
-    return (cols[None, :] >= context[:, None]) & (cols[None, :] < lengths[:, None])
+def _labelled_slots(batch: Batch, windows: list[Window]) -> tuple[torch.Tensor, np.ndarray]:
+    """``[B, L]`` bool: the slots to label (in their window, after its left context); and the
+    window of each such slot, in row-major order (the order ``hidden[mask]`` takes them)."""
+    window, offset = batch.slots()
+    context = np.array([windows[i].context_length for i in batch.indices], dtype=np.int64)
+    mask = (window >= 0) & (offset >= context[window])  # context[-1] on padding is masked anyway
+    return torch.from_numpy(mask), batch.indices[window[mask]]
 
 
 def _next_tokens(batch: Batch) -> torch.Tensor:
-    """``[B, W]`` int64: each slot's next token in its window, -1 at the window's last token
-    (and on padding)."""
+    """``[B, L]`` int64: each slot's next token in its own window; -1 at the window's last
+    token (whatever follows it in a packed row) and on padding."""
+    window, offset = batch.slots()
     ids = batch.input_ids.to(torch.int64)
     out = torch.full_like(ids, -1)
     out[:, :-1] = ids[:, 1:]
-    cols = torch.arange(ids.shape[1])
-    out[cols[None, :] >= torch.from_numpy(batch.lengths)[:, None] - 1] = -1
+    last = np.append(batch.lengths, 0)[window] - 1  # window -1 (padding): -1, so never below
+    out[torch.from_numpy(offset >= last)] = -1
     return out
+
+
+def _packs(teacher: Teacher, layout: RecordLayout, packing: str, stats: UnitStats) -> bool:
+    """Whether this unit's windows share rows: ``teacher.packing`` asks for it, the records
+    are per token, and the teacher keeps packed windows apart (else a note says why not)."""
+    if packing not in PACKING:
+        raise ValueError(f"packing must be one of {', '.join(PACKING)}, got {packing!r}")
+    if packing == "off" or layout.kind == "sequence_probs":
+        return False
+    probe = teacher.packed_rows()
+    stats.packing = "packed" if probe.ok else "padded"
+    stats.packing_mask, stats.packing_note = probe.mask_form, probe.note
+    return probe.ok
 
 
 #: One batch's results: the window of each labelled position (of each row, for sequence_probs)
@@ -122,13 +146,13 @@ BatchLabels = tuple[np.ndarray, PositionLabelsNumpy | np.ndarray]
 
 def label_unit(
     teacher: Teacher, windows: list[Window], *, spec: SoftLabelSpec, layout: RecordLayout,
-    batch_tokens: int, seed: int, store_entropy: bool,
+    batch_tokens: int, packing: str, seed: int, store_entropy: bool,
 ) -> tuple[RecordBlock, UnitStats]:
     """Run the teacher over ``windows`` and return their records in window order."""
     stats = UnitStats(windows=len(windows))
     lengths = np.array([len(w.input_ids) for w in windows], dtype=np.int64)
-    per_batch = label_windows(teacher, windows, spec=spec, layout=layout, batch_tokens=batch_tokens, seed=seed,
-                              stats=stats)
+    per_batch = label_windows(teacher, windows, spec=spec, layout=layout, batch_tokens=batch_tokens,
+                              packing=packing, seed=seed, stats=stats)
     block = _assemble(windows, lengths, per_batch, layout=layout, store_entropy=store_entropy)
     stats.tokens = block.num_tokens
     stats.positions = block.num_positions if layout.is_token_level else 0
@@ -139,15 +163,16 @@ def label_unit(
 
 def label_windows(
     teacher: Teacher, windows: list[Window], *, spec: SoftLabelSpec, layout: RecordLayout,
-    batch_tokens: int, seed: int, stats: UnitStats, gather: list[np.ndarray] | None = None,
+    batch_tokens: int, packing: str, seed: int, stats: UnitStats, gather: list[np.ndarray] | None = None,
 ) -> list[BatchLabels]:
     """The teacher's labels of ``windows``, batch by batch (in batch order, not window order:
-    :func:`in_window_order` restores it). ``gather``, one ``[labelled positions, m]`` int64
-    array per window (-1 for none), asks for the log-probabilities of those ids too
-    (``gathered_logprobs``). Counts batches, padding, splits and time into ``stats``."""
-    lengths = np.array([len(w.input_ids) for w in windows], dtype=np.int64)
-    groups = plan_batches(lengths, batch_tokens=batch_tokens)
-    generator = torch.Generator(device=teacher.device).manual_seed(seed)
+    :func:`in_window_order` restores it). ``packing`` is ``teacher.packing`` (auto: packed
+    rows when the teacher allows them; off: padded rows). ``gather``, one ``[labelled
+    positions, m]`` int64 array per window (-1 for none), asks for the log-probabilities of
+    those ids too (``gathered_logprobs``). Counts batches, padding, splits and time into ``stats``."""
+    batches = unit_batches(windows, batch_tokens=batch_tokens, pad_id=teacher.pad_token_id,
+                           packed=_packs(teacher, layout, packing, stats))
+    generator = torch.Generator(device=teacher.label_device).manual_seed(seed)
 
     per_batch: list[BatchLabels] = []
     pending: tuple[np.ndarray, HostLabels] | None = None
@@ -156,16 +181,17 @@ def label_windows(
         if layout.kind == "sequence_probs":
             class_lp = teacher.class_logprobs(batch.input_ids, batch.attention_mask)
             return batch.indices, class_lp.float().cpu().numpy()
-        mask = _labelled_mask(batch, windows)
-        owners = np.repeat(batch.indices, mask.sum(dim=1).numpy())  # window of each position
+        mask, owners = _labelled_slots(batch, windows)
         targets = _next_tokens(batch)[mask] if layout.target_logprob else None
         ids = None if gather is None else torch.from_numpy(np.concatenate([gather[i] for i in batch.indices]))
         if teacher.split_head_ok:
-            hidden = teacher.hidden_states(batch.input_ids, batch.attention_mask)
+            hidden = (teacher.packed_hidden_states(batch.input_ids, batch.position_ids) if batch.packed
+                      else teacher.hidden_states(batch.input_ids, batch.attention_mask))
             labels = label_positions(hidden[mask.to(hidden.device)], teacher.head, spec, generator=generator,
                                      targets=targets, gather=ids)
         else:
-            logits = teacher.logits(batch.input_ids, batch.attention_mask)
+            logits = (teacher.packed_logits(batch.input_ids, batch.position_ids) if batch.packed
+                      else teacher.logits(batch.input_ids, batch.attention_mask))
             labels = logits_labels(logits[mask.to(logits.device)], spec, generator=generator, targets=targets,
                                    gather=ids)
         return owners, labels.start_host_copy()
@@ -178,26 +204,22 @@ def label_windows(
         except Exception as error:  # noqa: BLE001 - only out-of-memory errors are handled
             if not is_out_of_memory(error):
                 raise
-            if len(batch.indices) == 1:
-                raise TeacherOutOfMemoryError(
-                    f"one window of {int(batch.lengths[0])} tokens does not fit the teacher's device memory "
-                    f"even alone ({type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}); "
-                    "lower windows.max_length (and teacher.batch_tokens), or use a smaller teacher.dtype "
-                    "or a device with more memory") from None
+            if batch.num_rows == 1:
+                raise _too_large(batch, error) from None
             del error  # drop its frames, which hold the batch's device tensors
             if teacher.device.type == "cuda":
                 torch.cuda.empty_cache()
             generator.set_state(rewind)
             stats.oom_splits += 1
-            first, second = _halves(batch)
+            first, second = batch.halves()
             return run(first) + run(second)
         stats.batches += 1
         stats.padded_tokens += batch.padded_tokens
         return done
 
     started = time.perf_counter()
-    for indices in groups:
-        for owners, result in run(collate(windows, indices, pad_id=teacher.pad_token_id)):
+    for batch in batches:
+        for owners, result in run(batch):
             if isinstance(result, np.ndarray):  # sequence_probs: already on the host
                 per_batch.append((owners, result))
                 continue
@@ -208,6 +230,18 @@ def label_windows(
         per_batch.append((pending[0], pending[1].wait()))
     stats.forward_seconds += time.perf_counter() - started
     return per_batch
+
+
+def _too_large(batch: Batch, error: BaseException) -> TeacherOutOfMemoryError:
+    """The error for a single row that does not fit the device memory."""
+    what = f"one window of {int(batch.lengths[0])} tokens"
+    if len(batch.lengths) > 1:
+        what = f"one row of {batch.real_tokens} tokens ({len(batch.lengths)} windows packed together)"
+    return TeacherOutOfMemoryError(
+        f"{what} does not fit the teacher's device memory even alone "
+        f"({type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}); "
+        "lower windows.max_length (and teacher.batch_tokens), or use a smaller teacher.dtype "
+        "or a device with more memory")
 
 
 def in_window_order(per_batch: list[BatchLabels], name: str, width: int | None = None) -> np.ndarray:

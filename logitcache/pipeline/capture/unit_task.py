@@ -5,12 +5,16 @@ Both executors (in this process, or on a Dask worker) call :func:`label_work_uni
 windowing, soft-label spec, record layout, batch budget, seed), and a
 :class:`~logitcache.pipeline.common.corpus.WorkUnit`, *what* to label. The result carries the
 unit's :class:`~logitcache.storage_schemas.records.RecordBlock` and statistics, never its
-text, so only labels travel back to the driver that commits them.
+text, so only labels travel back to the driver that commits them; with ``UnitTask.shards``
+set (Dask workers, ``executor.shard_writer: workers``) the worker also encodes, writes, fsyncs
+and hashes the unit's shard under the cache's ``_incomplete/``, and only the shard's entry
+(:class:`~logitcache.storage_schemas.shard_writer.StagedShard`) travels back.
 
 The teacher is loaded once per process and kept (:func:`teacher_in_process`): a Dask worker
-that runs many units loads the weights once. The kept teacher is keyed by its config and by
-the size and modification time of the files of a local model directory, so a long-lived
-worker notices a teacher replaced on disk. The driver records the identity of the teacher it
+that runs many units loads the weights once, and checks once whether the teacher keeps
+windows packed into one row apart (``teacher.packing``). The kept teacher is keyed by its
+config and by the size and modification time of the files of a local model directory, so a
+long-lived worker notices a teacher replaced on disk. The driver records the identity of the teacher it
 was told about (:class:`TeacherFacts`); a worker whose teacher differs (other weights behind
 the same path on another machine) refuses to label rather than mixing two teachers in one
 cache.
@@ -38,6 +42,7 @@ from logitcache.pipeline.common.windows import make_windows
 from logitcache.storage_schemas.fingerprint import fingerprint
 from logitcache.storage_schemas.layout import RecordLayout
 from logitcache.storage_schemas.records import RecordBlock
+from logitcache.storage_schemas.shard_writer import ShardTarget, StagedShard, stage_shard
 
 __all__ = ["TeacherFacts", "UnitTask", "LabelledUnit", "teacher_in_process", "teacher_facts_in_process",
            "label_work_unit"]
@@ -89,18 +94,25 @@ class UnitTask:
     seed: int  # soft_labels.seed; each unit samples from unit_seed(seed, unit_id)
     teacher_digest: str  # TeacherFacts.digest the driver wrote into the manifest
     chat: ChatSpec | None = None  # how conversations are rendered and labelled (corpus.messages_column)
+    shards: ShardTarget | None = None  # set: the process that labels a unit stages its shard there
 
 
 @dataclass(kw_only=True)
 class LabelledUnit:
-    """One unit's records and the statistics its shard entry records."""
+    """One unit's records (or, when its labeller staged them, their shard) and the statistics
+    its shard entry records."""
 
     unit_id: str
-    block: RecordBlock
+    block: RecordBlock | None
     stats: dict[str, Any]  # UnitStats.to_dict()
     no_tokens: int  # documents that produced no tokens at all
     host: str = field(default_factory=lambda: os.uname().nodename)
     pid: int = field(default_factory=os.getpid)
+    staged: StagedShard | None = None  # the shard written under the cache's _incomplete/, instead of block
+
+    @property
+    def records(self) -> int:
+        return self.staged.records if self.staged is not None else self.block.num_records
 
 
 def _model_files_signature(model: str) -> list[tuple[str, int, int]] | None:
@@ -124,6 +136,8 @@ def _kept_teacher(cfg: TeacherConfig) -> tuple[Teacher, TeacherFacts]:
         if kept is None:
             _kept.clear()  # one teacher per process: a new build's teacher replaces the last
             teacher = load_teacher(cfg)
+            if cfg.packing == "auto":
+                teacher.packed_rows()  # probed once here, not by the first unit's thread
             kept = _kept[key] = (teacher, TeacherFacts.of(teacher))
         return kept
 
@@ -152,6 +166,9 @@ def label_work_unit(task: UnitTask, unit: WorkUnit) -> LabelledUnit:
                                       chat=task.chat)
     block, stats = label_unit(
         teacher, windows, spec=task.spec, layout=task.layout, batch_tokens=task.batch_tokens,
-        seed=unit_seed(task.seed, unit.unit_id), store_entropy=task.layout.entropy,
+        packing=task.teacher.packing, seed=unit_seed(task.seed, unit.unit_id), store_entropy=task.layout.entropy,
     )
-    return LabelledUnit(unit_id=unit.unit_id, block=block, stats=stats.to_dict(), no_tokens=no_tokens)
+    if task.shards is None:
+        return LabelledUnit(unit_id=unit.unit_id, block=block, stats=stats.to_dict(), no_tokens=no_tokens)
+    staged = stage_shard(task.shards, block, unit_id=unit.unit_id)  # only the shard's entry travels back
+    return LabelledUnit(unit_id=unit.unit_id, block=None, staged=staged, stats=stats.to_dict(), no_tokens=no_tokens)

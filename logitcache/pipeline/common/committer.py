@@ -17,7 +17,7 @@ from typing import Any
 
 from logitcache.storage_schemas.manifest import ShardEntry
 from logitcache.storage_schemas.records import RecordBlock
-from logitcache.storage_schemas.shard_writer import ShardWriter
+from logitcache.storage_schemas.shard_writer import ShardWriter, StagedShard
 
 
 class BackgroundCommitter:
@@ -38,9 +38,22 @@ class BackgroundCommitter:
         return entry
 
     def submit(self, block: RecordBlock, *, unit_id: str, stats: dict[str, Any]) -> None:
+        self._queue(self._commit, block, unit_id, stats)
+
+    def submit_staged(self, staged: StagedShard, *, stats: dict[str, Any]) -> None:
+        """Commit a shard that a worker has already written and hashed (rename + manifest only)."""
+        self._queue(self._commit_staged, staged, stats)
+
+    def _commit_staged(self, staged: StagedShard, stats: dict[str, Any]) -> ShardEntry:
+        entry = self.writer.commit_staged(staged, stats=stats)
+        if self.on_commit is not None:
+            self.on_commit(entry)
+        return entry
+
+    def _queue(self, fn: Callable[..., ShardEntry], *args: Any) -> None:
         while len(self._pending) >= self.max_pending:
             self._pending.popleft().result()  # re-raises the writer's error here
-        self._pending.append(self._pool.submit(self._commit, block, unit_id, stats))
+        self._pending.append(self._pool.submit(fn, *args))
 
     def close(self) -> None:
         try:

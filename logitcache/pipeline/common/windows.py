@@ -4,7 +4,9 @@ A document longer than ``max_length`` tokens becomes several windows. With ``str
 each window after the first starts s tokens before the previous one ended: those s tokens
 are *left context* (the teacher sees them, so the labels after them are computed with
 context) and their positions are not labelled again. Every token position of a document is
-therefore labelled exactly once, whatever the stride. Documents are never packed together.
+therefore labelled exactly once, whatever the stride. A window never spans two documents
+(the teacher's batches may put several windows in one row, each attending only to itself:
+:mod:`~logitcache.pipeline.capture.batches`).
 
 For sequence classification a document is one record: its first ``max_length`` tokens.
 A conversation (``corpus.messages_column``) becomes one window per labelled turn, whose left

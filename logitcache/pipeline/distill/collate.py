@@ -7,7 +7,7 @@ stay a prefix of each shuffle window). Position ids restart at 0 for each record
 padding at the end of a row restarts them too, so models that read packed sequences from
 position ids (``transformers``' causal masks do, when no attention mask is passed) never
 let one record attend to another; students whose model class does not are given an explicit
-mask (:mod:`~logitcache.pipeline.distill.packed_attention`). Everything is a fixed shape, ``[B, L]`` and
+mask (:mod:`~logitcache.pipeline.common.packed_attention`). Everything is a fixed shape, ``[B, L]`` and
 ``[B, L, k]``, so a GPU sees the same kernels every step.
 
 Per slot the batch says whether it has a teacher label (``label_mask``: a labelled position

@@ -9,11 +9,7 @@ collective of :class:`Ranks` is then the identity and nothing is initialised.
 
 Why not ``DistributedDataParallel``. Gradients are summed over ranks explicitly, once per
 optimizer step, by :meth:`Ranks.sum_gradients` (flattened into buckets of one dtype, one
-all-reduce per bucket). DDP would need a student's whole loss behind the wrapped module's
-``forward`` (the chunked loss calls the base model and the LM head separately, the head
-once per chunk under activation checkpointing), ``no_sync`` around every accumulation
-micro-batch, and it averages per-rank *mean* losses, so a rank whose batch has few labelled
-positions would weigh as much as one with many. The explicit sum instead
+all-reduce per bucket). The explicit sum
 
 - is exact: each rank scales its loss by its share of the labelled positions of all ranks'
   batches together (see ``StudentRun``), so the summed gradient is the gradient of the union
@@ -22,10 +18,17 @@ positions would weigh as much as one with many. The explicit sum instead
   checkpoint can sum onto rank 0 and any world size can resume from;
 - tolerates a rank with nothing to add (its stream ran dry, a classification student found
   no text in its batch): that rank adds zeros, and no rank waits on a collective the others
-  skip, because every rank makes the same calls in the same order.
+  skip, because every rank makes the same calls in the same order;
+- leaves a gradient that no rank computed missing, as one process would, so AdamW skips it.
 
-The price is that communication does not overlap the backward pass as DDP's gradient hooks
-would; for students that one GPU each can hold, the all-reduce is a small part of a step.
+DDP (the loss behind a wrapper's ``forward``, ``no_sync`` for accumulation, a comm hook that
+sums) computes the same weights, but only with a stand-in zero loss on every rank that has
+nothing to learn, ``find_unused_parameters=True`` because the ranks' graphs then differ,
+buffer syncing off (its collectives inside ``forward`` would not pair up when a dry rank
+skips a micro-batch), gradients cleared by hand after a step without any loss, and this
+explicit sum still for checkpoints; and it keeps a bucket copy of every gradient per student.
+What it would add, the all-reduce overlapping the backward, gained nothing measurable on
+the CPU (``benchmarks/bench_ddp.py``; docs/scale.md says what changes on GPUs).
 """
 
 from __future__ import annotations

@@ -15,7 +15,7 @@ with ``from_pretrained``. Before any training it is checked against the cache:
 Running a causal-LM student returns final hidden states, not logits: the loss applies the
 LM head a chunk of positions at a time, so ``[B, L, V]`` logits never exist for a batch. Its
 rows are packed; a probe at build time makes sure no record attends to another (see
-:mod:`~logitcache.pipeline.distill.packed_attention`).
+:mod:`~logitcache.pipeline.common.packed_attention`).
 """
 
 from __future__ import annotations
@@ -43,7 +43,7 @@ from logitcache.pipeline.common.hf_models import (
     source_problem,
     tokenizer_fingerprints,
 )
-from logitcache.pipeline.distill.packed_attention import choose_packing_mask, packed_forward
+from logitcache.pipeline.common.packed_attention import choose_packing_mask, packed_forward
 from logitcache.storage_schemas.manifest import Manifest
 
 #: Logit given to the teacher-width columns a narrower student head lacks (padding rows).

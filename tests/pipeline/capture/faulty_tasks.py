@@ -39,3 +39,24 @@ def fail_first_attempts(task, unit, *, unit_id: str, counter: str, failures: int
         if len(Path(counter).read_text().splitlines()) <= failures:
             raise RuntimeError(f"injected transient failure for {unit_id}")
     return label_work_unit(task, unit)
+
+
+def die_while_writing(task, unit, *, unit_id: str, marker: str):
+    """SIGKILL the worker process in the middle of staging ``unit_id``'s shard, the first time:
+    after the shard's bytes are written under _incomplete/, before its entry goes back."""
+    from logitcache.pipeline.capture import unit_task
+
+    if unit.unit_id != unit_id or os.path.exists(marker):
+        return label_work_unit(task, unit)
+    real = unit_task.stage_shard
+
+    def write_then_die(*args, **kwargs):
+        staged = real(*args, **kwargs)
+        Path(marker).write_text(staged.staging)
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    unit_task.stage_shard = write_then_die
+    try:
+        return label_work_unit(task, unit)
+    finally:
+        unit_task.stage_shard = real

@@ -101,6 +101,30 @@ def test_a_killed_worker_process_loses_no_unit(tmp_path, corpus_dir, tiny_causal
     assert_same_cache(tmp_path / "cache", local_cache)
 
 
+def test_workers_write_their_shards_and_one_killed_while_writing_lists_nothing_half_written(
+        tmp_path, corpus_dir, tiny_causal_lm_dir, local_cache, client):
+    cfg = dask_job(tmp_path / "cache", corpus_dir, tiny_causal_lm_dir)
+    victim = unit_ids(cfg)[2]
+    marker = tmp_path / "killed-while-writing"
+    task_fn = functools.partial(faulty_tasks.die_while_writing, unit_id=victim, marker=str(marker))
+    with DaskExecutor(cfg.executor, client=client, task_fn=task_fn) as executor:
+        summary = build_cache(cfg, progress=False, executor=executor)
+    leftover = tmp_path / "cache" / marker.read_text()  # the dead worker's staged shard, never committed
+    assert "_incomplete" in str(leftover) and not summary.failed_units
+    assert summary.units_built == len(unit_ids(cfg))
+    manifest = CacheReader(str(tmp_path / "cache")).manifest
+    hosts = {entry.stats["labelled_by"] for entry in manifest.shards}
+    assert all(not host.endswith(f":{os.getpid()}") for host in hosts)  # the workers labelled and wrote them
+    assert_same_cache(tmp_path / "cache", local_cache)
+
+
+def test_the_driver_writes_the_shards_when_asked(tmp_path, corpus_dir, tiny_causal_lm_dir, local_cache, client):
+    cfg = dask_job(tmp_path / "cache", corpus_dir, tiny_causal_lm_dir, shard_writer="driver")
+    with DaskExecutor(cfg.executor, client=client) as executor:
+        build_cache(cfg, progress=False, executor=executor)
+    assert_same_cache(tmp_path / "cache", local_cache)
+
+
 def test_a_unit_that_keeps_failing_is_reported_and_the_rest_commits(tmp_path, corpus_dir, tiny_causal_lm_dir,
                                                                     local_cache, client):
     cfg = dask_job(tmp_path / "cache", corpus_dir, tiny_causal_lm_dir, retries=1)

@@ -217,3 +217,27 @@ def test_scaled_logits_fail_the_numeric_check(tiny_causal_lm_dir, monkeypatch):
 
     monkeypatch.setattr(teacher.model, "forward", scaled)
     assert teacher.check_split_head() is False
+
+
+@pytest.mark.parametrize("device_map", ["auto", "sequential", {"model.embed_tokens": "cpu", "model.layers": "cpu",
+                                                               "model.norm": "cpu", "model.rotary_emb": "cpu",
+                                                               "lm_head": "cpu"}],
+                         ids=["auto", "sequential", "mapping"])
+def test_a_teacher_placed_by_a_device_map_labels_as_one_on_a_device(tiny_causal_lm_dir, texts, device_map):
+    placed = load_teacher(TeacherConfig(model=str(tiny_causal_lm_dir), dtype="float32", device_map=device_map))
+    whole = load(tiny_causal_lm_dir)
+    assert placed.device == placed.label_device == torch.device("cpu")
+    assert placed.split_head_ok and placed.identity == whole.identity
+    input_ids, attention_mask = batch(whole, texts)
+    keep = attention_mask.bool()
+    assert torch.allclose(placed.head(placed.hidden_states(input_ids, attention_mask)[keep]),
+                          whole.head(whole.hidden_states(input_ids, attention_mask)[keep]), atol=1e-5)
+
+
+def test_a_device_map_with_a_device_or_an_unknown_strategy_is_refused(tiny_causal_lm_dir):
+    from logitcache.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="leave teacher.device at auto"):
+        TeacherConfig(model=str(tiny_causal_lm_dir), device="cpu", device_map="auto")
+    with pytest.raises(ConfigError, match="must be one of auto, balanced"):
+        TeacherConfig(model=str(tiny_causal_lm_dir), device_map="fastest")

@@ -1,6 +1,6 @@
-"""Packed student rows: no record attends to another, whichever way the model class needs it."""
+"""Packed student rows: no record attends to another, whichever way the model class needs it
+(the probe itself: tests/pipeline/common/test_packed_attention.py)."""
 
-import contextlib
 import dataclasses
 
 import numpy as np
@@ -9,12 +9,8 @@ import torch
 
 from logitcache.config import StudentConfig, StudentModelConfig
 from logitcache.errors import StudentError
+from logitcache.pipeline.common.packed_attention import packed_forward
 from logitcache.pipeline.distill.collate import TokenPacker
-from logitcache.pipeline.distill.packed_attention import (
-    block_causal_mask,
-    choose_packing_mask,
-    packed_forward,
-)
 from logitcache.pipeline.distill.students import build_student
 from tests.factories import make_layout, make_template
 
@@ -141,39 +137,3 @@ def test_a_leaking_sliding_window_model_is_refused_not_given_a_full_mask(monkeyp
     with pytest.raises(StudentError, match=r"MistralForCausalLM lets the records.*sliding-window attention "
                                            r"\(window 16\)"):
         student_for("mistral", "sdpa", sliding_window=16)
-
-
-def test_a_model_that_cannot_take_position_ids_is_refused():
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_config(AutoConfig.for_model("llama", vocab_size=VOCAB, **_DECODER, **_IDS))
-    model.model.forward = lambda input_ids=None, attention_mask=None, use_cache=None: None  # no position_ids
-    with pytest.raises(StudentError, match=r"s: LlamaForCausalLM cannot run on packed rows.*TypeError"):
-        choose_packing_mask(model, device=CPU, autocast=contextlib.nullcontext, where="s")
-
-
-def test_the_probe_leaves_dropout_rng_and_train_mode_alone():
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    config = AutoConfig.for_model("llama", vocab_size=VOCAB, attention_dropout=0.5, **_DECODER, **_IDS)
-    model = AutoModelForCausalLM.from_config(config).train()
-    torch.manual_seed(5)
-    state = torch.get_rng_state()
-    # with dropout active the same record would differ between rows: isolation holds only in eval mode
-    assert choose_packing_mask(model, device=CPU, autocast=contextlib.nullcontext, where="s") is None
-    assert model.training and all(m.training for m in model.modules())
-    assert torch.equal(torch.get_rng_state(), state)
-
-
-def test_block_causal_masks_keep_each_record_and_its_past():
-    positions = torch.tensor([[0, 1, 2, 0, 1, 0], [0, 1, 2, 3, 4, 5]])
-    mask = block_causal_mask(positions, form="bool", dtype=torch.float32)
-    assert mask.shape == (2, 1, 6, 6) and mask.dtype == torch.bool
-    first = torch.tensor([[1, 0, 0, 0, 0, 0], [1, 1, 0, 0, 0, 0], [1, 1, 1, 0, 0, 0],
-                          [0, 0, 0, 1, 0, 0], [0, 0, 0, 1, 1, 0], [0, 0, 0, 0, 0, 1]], dtype=torch.bool)
-    assert torch.equal(mask[0, 0], first)
-    assert torch.equal(mask[1, 0], torch.ones(6, 6, dtype=torch.bool).tril())
-    additive = block_causal_mask(positions, form="additive", dtype=torch.bfloat16)
-    assert additive.dtype == torch.bfloat16
-    assert torch.equal(additive[0, 0] == 0, first)
-    assert bool((additive[0, 0][~first] == torch.finfo(torch.bfloat16).min).all())

@@ -1,15 +1,16 @@
-"""Packed rows without attention across records: a probe of each student, and the mask for
+"""Packed rows without attention across records: a probe of each model, and the mask for
 those that need one.
 
-Stage two packs several records into one row and gives the student position ids that restart
-at 0 for each record, without an attention mask. Most ``transformers`` model classes read such
-rows as packed sequences and build a block-diagonal causal mask from the position ids; some
-build their mask from an attention mask alone (OPT, MPT and BioGPT, for example), and would let
-each record attend to the records before it in its row, silently. Which classes keep records
-apart depends on the installed ``transformers`` and the attention implementation, so it is
-measured once per student, before training, rather than assumed:
-:func:`choose_packing_mask` runs the student on a short packed row and on its last record alone,
-and when they differ tries an explicit block-diagonal mask, in the forms models take.
+Both stages pack several sequences into one row with position ids that restart at 0 for
+each: stage one packs windows into the teacher's rows, stage two packs records into the
+student's. Most ``transformers`` model classes read such rows as packed sequences and build a
+block-diagonal causal mask from the position ids; some build their mask from an attention
+mask alone (OPT, MPT and BioGPT, for example), and would let each record attend to the
+records before it in its row, silently. Which classes keep records apart depends on the
+installed ``transformers`` and the attention implementation, so it is measured once per
+model, before it runs, rather than assumed: :func:`choose_packing_mask` runs the model on a
+short packed row and on its last record alone, and when they differ tries an explicit
+block-diagonal mask, in the forms models take.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from logitcache.errors import StudentError
+from logitcache.errors import LogitcacheError, StudentError
 from logitcache.pipeline.common.hf_models import base_model_of
 
 __all__ = ["MASK_FORMS", "block_causal_mask", "choose_packing_mask", "packed_forward"]
@@ -70,11 +71,12 @@ def packed_forward(model: Any, input_ids: Tensor, position_ids: Tensor, *, mask_
 
 
 def choose_packing_mask(model: Any, *, device: torch.device,
-                        autocast: Callable[[], AbstractContextManager], where: str) -> str | None:
+                        autocast: Callable[[], AbstractContextManager], where: str,
+                        error: type[LogitcacheError] = StudentError) -> str | None:
     """How ``model`` must run on packed rows: None when it keeps records apart by itself, else
-    the first of :data:`MASK_FORMS` with which it does. Raises StudentError when neither works.
-    ``model`` runs in eval mode without gradients (then gets its mode back), under ``autocast``
-    as in training, and the RNG is left as it was."""
+    the first of :data:`MASK_FORMS` with which it does. Raises ``error`` (naming ``where``)
+    when neither works. ``model`` runs in eval mode without gradients (then gets its mode
+    back), under ``autocast`` as in training, and the RNG is left as it was."""
     name = type(model).__name__
     was_training = model.training
     model.eval()
@@ -83,22 +85,22 @@ def choose_packing_mask(model: Any, *, device: torch.device,
             try:
                 if _keeps_records_apart(model, device=device, mask_form=None):
                     return None
-            except _ERRORS as error:
-                raise StudentError(f"{where}: {name} cannot run on packed rows (input ids and position ids): "
-                                   f"{type(error).__name__}: {error}") from None
+            except _ERRORS as problem:
+                raise error(f"{where}: {name} cannot run on packed rows (input ids and position ids): "
+                            f"{type(problem).__name__}: {problem}") from None
             window = _sliding_window(model)
             if window is not None:
-                raise _refusal(where, name, f"its sliding-window attention (window {window}) cannot take one "
-                                            "block mask for all layers")
+                raise error(_refusal(where, name, f"its sliding-window attention (window {window}) cannot take "
+                                                  "one block mask for all layers"))
             problems = []
             for form in MASK_FORMS:
                 try:
                     if _keeps_records_apart(model, device=device, mask_form=form):
                         return form
                     problems.append(f"the {form} mask does not stop it")
-                except _ERRORS as error:
-                    problems.append(f"it does not take the {form} mask ({type(error).__name__}: {error})")
-            raise _refusal(where, name, "; ".join(problems))
+                except _ERRORS as problem:
+                    problems.append(f"it does not take the {form} mask ({type(problem).__name__}: {problem})")
+            raise error(_refusal(where, name, "; ".join(problems)))
     finally:
         model.train(was_training)
 
@@ -141,9 +143,8 @@ def _cuda_devices(device: torch.device) -> list[int]:
     return [device.index if device.index is not None else torch.cuda.current_device()]
 
 
-def _refusal(where: str, name: str, why: str) -> StudentError:
-    return StudentError(
-        f"{where}: {name} lets the records packed into one row attend to each other (it does not read "
-        f"packed rows from position ids), and no explicit mask fixes that: {why}. Use another "
-        "attn_implementation (sdpa or eager) in the student's config, another model type, or a "
-        "transformers release whose causal mask reads packed position ids")
+def _refusal(where: str, name: str, why: str) -> str:
+    return (f"{where}: {name} lets the records packed into one row attend to each other (it does not read "
+            f"packed rows from position ids), and no explicit mask fixes that: {why}. Use another "
+            "attn_implementation (sdpa or eager) in the model's config, another model type, or a "
+            "transformers release whose causal mask reads packed position ids")
