@@ -93,6 +93,8 @@ def main() -> None:
         print(json.dumps({"steps": trainer.state.global_step, "train_loss": round(result.training_loss, 6),
                           "kd": last.get("kd"), "ce": last.get("ce"),
                           "final": str(Path(args.output) / "final")}))
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()  # else gloo's threads may abort the process at exit
 
 
 if __name__ == "__main__":

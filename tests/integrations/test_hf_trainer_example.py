@@ -36,13 +36,17 @@ def run(*args: str, processes: int = 1) -> subprocess.CompletedProcess:
         sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}",
         "--monitor-interval=0.2"]
     result = subprocess.run([*launcher, str(EXAMPLE), *args], cwd=REPO, env=ENV, capture_output=True, text=True,
-                            timeout=300)
+                            timeout=900)
     assert result.returncode == 0, f"{result.stdout[-3000:]}\n{result.stderr[-5000:]}"
     return result
 
 
 def summary_of(result: subprocess.CompletedProcess) -> dict:
-    return json.loads(result.stdout.strip().splitlines()[-1])
+    """The example's JSON summary line (under torchrun the other rank's output may follow it)."""
+    for line in reversed(result.stdout.strip().splitlines()):
+        if line.startswith('{"steps"'):
+            return json.loads(line)
+    raise AssertionError(f"no summary line in the output:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
 
 
 def test_the_example_trains_and_saves_a_student(cache, tmp_path):
