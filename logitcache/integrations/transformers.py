@@ -43,6 +43,7 @@ from logitcache.pipeline.distill.collate import PackedBatches, TokenBatch, Token
 from logitcache.pipeline.distill.dataset import CacheDataset
 from logitcache.pipeline.distill.losses import IGNORE_INDEX, check_loss_supported
 from logitcache.pipeline.distill.training import lr_factor, make_optimizer, packed_distillation_loss
+from logitcache.storage_schemas.location import CacheLocation
 from logitcache.storage_schemas.shard_reader import CacheReader
 
 __all__ = ["CacheBatches", "DistillationTrainer", "READER_STATE_FILE", "batch_features", "collate_batches",
@@ -274,7 +275,7 @@ class DistillationTrainer(Trainer):
             state = CacheDataset.merge_states(states)
         if self.args.should_save:
             folder = os.path.join(self._get_output_dir(trial=trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
-            _write_json(os.path.join(folder, READER_STATE_FILE), state)
+            CacheLocation(folder).write_atomic(READER_STATE_FILE, json.dumps(state).encode("utf-8"))
 
     def train(self, resume_from_checkpoint: str | bool | None = None, *args: Any, **kwargs: Any) -> Any:
         """Trainer's train; a resumed run also takes the reader's position from the checkpoint."""
@@ -298,13 +299,3 @@ def _reader_state(checkpoint: str) -> dict[str, Any]:
                            "afresh")
     with open(path, encoding="utf-8") as handle:
         return json.load(handle)
-
-
-def _write_json(path: str, data: Any) -> None:
-    """``data`` at ``path``, replaced whole (a kill leaves the old file or the new one)."""
-    temporary = f"{path}.tmp-{os.getpid()}"
-    with open(temporary, "w", encoding="utf-8") as handle:
-        json.dump(data, handle)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(temporary, path)

@@ -27,6 +27,8 @@ from logitcache.pipeline.common.corpus import WorkUnit, whole_unit_id
 from logitcache.storage_schemas.manifest import ShardEntry
 
 Action = Literal["skip", "build", "refuse"]
+_CHANGED = ("it was committed from different documents than the corpus holds now: a source file changed after "
+            "it was built")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -73,8 +75,7 @@ def decide_unit(unit: WorkUnit, parts: list[ShardEntry]) -> UnitDecision:
                                         f"{first + rows - unit.first_row} were committed: rows were removed")
         committed = entry.stats.get("unit_fingerprint")
         if committed is not None and committed != unit.rows(first, first + rows).fingerprint:
-            return _refuse(unit, entry, "it was committed from different documents than the corpus holds now: "
-                                        "a source file changed after it was built")
+            return _refuse(unit, entry, _CHANGED)
         row = first + rows
     if row == end:
         return UnitDecision(action="skip", unit=unit, committed_rows=unit.num_rows)
@@ -84,8 +85,7 @@ def decide_unit(unit: WorkUnit, parts: list[ShardEntry]) -> UnitDecision:
 def _whole(unit: WorkUnit, entry: ShardEntry) -> UnitDecision:
     committed = entry.stats.get("unit_fingerprint")
     if committed is not None and committed != unit.fingerprint:
-        return _refuse(unit, entry, "it was committed from different documents than the corpus holds now: "
-                                    "a source file changed after it was built")
+        return _refuse(unit, entry, _CHANGED)
     return UnitDecision(action="skip", unit=unit, committed_rows=unit.num_rows)
 
 
