@@ -94,6 +94,7 @@ def main() -> None:
                           "kd": last.get("kd"), "ce": last.get("ce"),
                           "final": str(Path(args.output) / "final")}))
     if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.barrier()  # every process ends together: none tears down while another still talks
         torch.distributed.destroy_process_group()  # else gloo's threads may abort the process at exit
 
 
